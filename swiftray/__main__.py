@@ -1,0 +1,3 @@
+from swiftray.cli import main
+
+main()

