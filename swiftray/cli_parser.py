@@ -62,6 +62,7 @@ def build_parser(cls: type, prog: str) -> tuple[argparse.ArgumentParser, dict[st
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{prog} [config.yaml] [--flag value ...]",
         description=(cls.__doc__ or "").strip(),
     )
     parser.add_argument("config", nargs="?", help="optional YAML/JSON file holding flags")
