@@ -1,0 +1,22 @@
+"""DDP: every rank holds the whole model; gradients are all-reduced during backward."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .base import Backend
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
+        # no_sync must cover the forward too: DDP decides at forward time whether to reduce.
+        return contextlib.nullcontext() if is_last else self.model.no_sync()

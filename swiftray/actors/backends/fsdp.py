@@ -1,0 +1,39 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks.
+
+Each transformer block (the model's `_no_split_modules` classes) is its own shard
+unit, so only one block is gathered at a time; the root holds embeddings and head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from .base import Backend
+
+
+class FSDP2Backend(Backend):
+    name = "fsdp2"
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        block_names = set(getattr(module, "_no_split_modules", None) or ())
+        blocks = [m for m in module.modules() if type(m).__name__ in block_names]
+        if not blocks:
+            raise ValueError(
+                f"fsdp2: {type(module).__name__} names no transformer block class (_no_split_modules); "
+                "cannot choose shard units"
+            )
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        return module
+
+    def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
+        # Without sync, FSDP2 keeps accumulating unsharded grads and reduce-scatters them once.
+        self.model.set_requires_gradient_sync(is_last)
+        return contextlib.nullcontext()

@@ -1,0 +1,378 @@
+"""PolicyActor: one rank of the policy trainer, used by SFT and by RL algorithms alike.
+
+The actor knows how to run a model (forward, backward, optimizer step, checkpoints,
+weight export) on a backend; it never knows what is being optimised. An algorithm
+hands in a picklable `loss_fn`:
+
+    loss_fn(token_logprobs, batch, num_tokens_global) -> (loss, metrics)
+
+`token_logprobs[b, t]` is log p(labels[b, t+1] | tokens <= t), in float32, zero where
+labels[b, t+1] == -100. `batch` is the micro-batch as given plus `loss_mask`
+(labels[:, 1:] != -100); extra per-token tensors (advantages, old log-probs) should
+be [B, T-1] and aligned with token_logprobs. `num_tokens_global` counts loss tokens
+over all ranks and micro-batches of the step, so a loss normalised by it gives the
+same gradient on N ranks as on one.
+
+Every method here is collective: call it on all ranks (ActorGroup.call_all*).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from swiftray.actors.backends import BACKENDS, adamw_factory, make_backend
+from swiftray.actors.group import DistributedWorker
+from swiftray.models.loader import load_model, peft_to_base_state_dict
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+LossFn = Callable[[torch.Tensor, dict, int], tuple[torch.Tensor, dict]]
+
+
+@dataclasses.dataclass
+class PolicyConfig:
+    """Everything `PolicyActor.setup` accepts; names follow ms-swift's flags."""
+
+    model_dir: str
+    torch_dtype: str = "float32"
+    attn_impl: str | None = None
+    gradient_checkpointing: bool = False
+    train_type: str = "full"
+    adapters: list[str] = dataclasses.field(default_factory=list)  # LoRA folder(s) to keep training
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
+    modules_to_save: list[str] = dataclasses.field(default_factory=list)
+    use_liger_kernel: bool = False
+    seed: int = 42
+    backend: str = "ddp"  # ddp | fsdp2 | deepspeed
+    deepspeed: str | None = None  # zero2 (the default) | zero3 | zero2_offload | zero3_offload | a JSON path
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant (each after linear warmup)
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    total_steps: int = 1  # optimizer steps in the run: the schedule's length
+    max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still reported)
+    # Informational: a step accumulates over however many micro-batches train_step is given.
+    gradient_accumulation_steps: int | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict) -> PolicyConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"PolicyActor.setup: unknown config field(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**config)
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"PolicyActor.setup: backend={cfg.backend!r}, expected one of {BACKENDS}")
+        if cfg.lr_scheduler_type == "constant_with_warmup":
+            cfg.lr_scheduler_type = "constant"
+        if cfg.lr_scheduler_type not in ("cosine", "linear", "constant"):
+            raise ValueError(f"PolicyActor.setup: lr_scheduler_type={cfg.lr_scheduler_type!r}, "
+                             "expected cosine, linear or constant")
+        if cfg.total_steps < 1:
+            raise ValueError(f"PolicyActor.setup: total_steps={cfg.total_steps}, must be >= 1")
+        cfg.adam_betas = tuple(cfg.adam_betas)
+        return cfg
+
+    def num_warmup_steps(self) -> int:
+        """As transformers: warmup_steps if > 0, else ceil(warmup_ratio * total_steps)."""
+        return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * self.total_steps)
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per step, as transformers' get_{cosine,linear,constant}_schedule_with_warmup."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of labels[:, 1:] under logits[:, :-1] (fp32), the loss mask, the #correct."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(mask, picked - torch.logsumexp(logits, dim=-1), 0.0)
+    correct = ((logits.argmax(dim=-1) == targets) & mask).sum()
+    return logprobs, mask, correct
+
+
+def _fetch(item: Any) -> Any:
+    return ray.get(item) if isinstance(item, ray.ObjectRef) else item
+
+
+class PolicyActor(DistributedWorker):
+    """One rank of the policy group. Call `setup(config)` on every rank first."""
+
+    def __init__(self) -> None:
+        self.backend = None
+
+    # --- construction --------------------------------------------------------------------
+    def setup(self, config: dict) -> dict:
+        """Load the model, wrap it in the backend, build AdamW and the LR schedule."""
+        cfg = PolicyConfig.from_dict(config)
+        self.cfg = cfg
+        _ensure_process_group()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.backend = None  # free a previous setup's model before loading the next
+        gc.collect()
+        _seed_everything(cfg.seed)
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        module = load_model(
+            cfg.model_dir, torch_dtype=cfg.torch_dtype, attn_impl=cfg.attn_impl,
+            gradient_checkpointing=cfg.gradient_checkpointing, train_type=cfg.train_type, adapters=cfg.adapters,
+            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save,
+            use_liger_kernel=cfg.use_liger_kernel, seed=cfg.seed,
+        )
+        counts = {"num_params": sum(p.numel() for p in module.parameters()),
+                  "num_trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+        make_optimizer = adamw_factory(cfg.learning_rate, cfg.weight_decay, cfg.adam_betas, cfg.adam_epsilon)
+        self.backend = make_backend(cfg.backend, module, make_optimizer, max_grad_norm=cfg.max_grad_norm,
+                                    device=self.device, deepspeed=cfg.deepspeed or "zero2")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.backend.optimizer, lr_lambda(cfg.lr_scheduler_type, cfg.num_warmup_steps(), cfg.total_steps)
+        )
+        self.global_step = 0
+        return counts
+
+    # --- training and evaluation ----------------------------------------------------------
+    def train_step(self, micro_batches: list | ray.ObjectRef, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches (gradient accumulation).
+
+        Returns global metrics, the same on every rank: loss (loss_fn's losses summed over
+        micro-batches and ranks: the global mean when loss_fn divides by num_tokens_global),
+        token_acc (argmax == label over loss tokens), num_tokens, grad_norm (before clipping),
+        lr (used by this step), and loss_fn's own metrics averaged over ranks x micro-batches.
+        """
+        batches = self._fetch_batches(micro_batches)
+        num_tokens = self._global_num_tokens(batches)
+        self.backend.train(True)
+        lr = self.scheduler.get_last_lr()[0]
+        loss_sum, correct, extra = 0.0, 0, {}
+        for i, batch in enumerate(batches):
+            with self.backend.micro_step(is_last=i == len(batches) - 1):
+                batch, logprobs, mask, n_correct = self._forward(batch)
+                loss, metrics = loss_fn(logprobs, {**batch, "loss_mask": mask}, num_tokens)
+                # Backends average gradients over ranks; the loss is already a global mean.
+                self.backend.backward(loss * self.world_size)
+            loss_sum += loss.item()
+            correct += int(n_correct)
+            _accumulate(extra, metrics)
+        grad_norm = self.backend.step()
+        self.scheduler.step()
+        self.global_step += 1
+        out = self._reduce(loss_sum, correct, extra, len(batches), num_tokens)
+        return {**out, "num_tokens": num_tokens, "grad_norm": grad_norm, "lr": lr}
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list | ray.ObjectRef, loss_fn: LossFn) -> dict[str, float]:
+        """Loss and token accuracy over this rank's micro-batches, reduced over ranks; no update."""
+        batches = self._fetch_batches(micro_batches)
+        num_tokens = self._global_num_tokens(batches)
+        self.backend.train(False)
+        loss_sum, correct, extra = 0.0, 0, {}
+        for batch in batches:
+            batch, logprobs, mask, n_correct = self._forward(batch)
+            loss, metrics = loss_fn(logprobs, {**batch, "loss_mask": mask}, num_tokens)
+            loss_sum += loss.item()
+            correct += int(n_correct)
+            _accumulate(extra, metrics)
+        return {**self._reduce(loss_sum, correct, extra, len(batches), num_tokens), "num_tokens": num_tokens}
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: dict | list | ray.ObjectRef) -> torch.Tensor | list[torch.Tensor]:
+        """Token log-probs [B, T-1] on CPU (zero where labels are -100), in eval mode.
+
+        Without "labels", every next token is scored except padding. Accepts one batch or a
+        list of micro-batches (then returns a list); every rank must pass the same number.
+        """
+        batch = _fetch(batch)
+        batches = self._fetch_batches(batch if isinstance(batch, list) else [batch])
+        self.backend.train(False)
+        logprobs = [self._forward(b)[1].cpu() for b in batches]
+        return logprobs if isinstance(batch, list) else logprobs[0]
+
+    def _fetch_batches(self, micro_batches: list | ray.ObjectRef) -> list[dict]:
+        """ray.get what is a reference, and check the shape of what arrives."""
+        if self.backend is None:
+            raise RuntimeError("PolicyActor: call setup(config) on every rank first")
+        batches = [_fetch(b) for b in _fetch(micro_batches)]
+        if not batches:
+            raise ValueError("PolicyActor: got an empty list of micro-batches")
+        for i, batch in enumerate(batches):
+            if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
+                keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
+                raise ValueError(f"PolicyActor: micro-batch {i} must be a dict with an 'input_ids' tensor "
+                                 f"[B, T], got {keys}")
+        return batches
+
+    def _forward(self, batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"]
+            if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
+                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+        if labels.shape != batch["input_ids"].shape:
+            raise ValueError(f"PolicyActor: labels shape {tuple(labels.shape)} != input_ids shape "
+                             f"{tuple(batch['input_ids'].shape)}")
+        logits = self.backend.forward({k: batch[k] for k in MODEL_INPUTS if k in batch})
+        logprobs, mask, correct = token_logprobs(logits, labels)
+        return batch, logprobs, mask, correct
+
+    def _global_num_tokens(self, batches: list[dict]) -> int:
+        """Loss tokens over all ranks; also checks every rank has as many micro-batches (else FSDP hangs)."""
+        local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches if "labels" in b)
+        tokens = torch.tensor([local], dtype=torch.float64)
+        counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64)
+        dist.all_reduce(tokens)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        if counts[0] != -counts[1]:
+            raise ValueError(f"PolicyActor: ranks got different numbers of micro-batches "
+                             f"({int(-counts[1])}..{int(counts[0])}); every rank needs the same number")
+        return int(tokens.item())
+
+    def _reduce(self, loss_sum: float, correct: int, extra: dict, num_micro: int, num_tokens: int
+                ) -> dict[str, float]:
+        """Sum loss and correct tokens over ranks; average loss_fn metrics over (rank, micro-batch)."""
+        keys = sorted(extra)
+        values = torch.tensor([loss_sum, correct] + [extra[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        out = {"loss": values[0].item(), "token_acc": values[1].item() / max(1, num_tokens)}
+        out.update({k: values[2 + i].item() / (num_micro * self.world_size) for i, k in enumerate(keys)})
+        return out
+
+    # --- checkpoints and weights -------------------------------------------------------------
+    def save_checkpoint(self, path: str, save_only_model: bool = False) -> str:
+        """Rank 0 writes the weights as safetensors (full model, or the adapter for LoRA/DoRA);
+        unless save_only_model, every rank adds its optimizer/scheduler/RNG state for resuming."""
+        state = self.backend.full_state_dict()  # collective gather for FSDP2 / ZeRO-3
+        if self.rank == 0:
+            os.makedirs(path, exist_ok=True)
+            self.backend.module.save_pretrained(path, state_dict=state)
+        del state
+        dist.barrier()  # the directory exists before other ranks write into it
+        if not save_only_model:
+            self.backend.save_train_state(os.path.join(path, "train_state"))
+            torch.save({"scheduler": self.scheduler.state_dict(), "global_step": self.global_step,
+                        "world_size": self.world_size, "rng": _rng_state()},
+                       os.path.join(path, f"rank_{self.rank}.pt"))
+        dist.barrier()
+        return path
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore weights, optimizer, scheduler and RNG from save_checkpoint(path); returns the step.
+
+        The actor must be set up with the same config (model, train type, backend) and world size.
+        """
+        rank_file = os.path.join(path, f"rank_{self.rank}.pt")
+        if not os.path.isdir(os.path.join(path, "train_state")) or not os.path.isfile(rank_file):
+            raise FileNotFoundError(
+                f"{path}: no training state for rank {self.rank} (saved with save_only_model, or by fewer "
+                "ranks); load its weights as a model/adapter instead of resuming"
+            )
+        extra = torch.load(rank_file, weights_only=False)
+        if extra["world_size"] != self.world_size:
+            raise ValueError(f"{path}: saved by {extra['world_size']} ranks, this group has {self.world_size}")
+        self.backend.load_train_state(os.path.join(path, "train_state"))
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.global_step = extra["global_step"]
+        _set_rng_state(extra["rng"])
+        dist.barrier()
+        return self.global_step
+
+    def export_weights(self, bucket_bytes: int = 64 << 20, merge_lora: bool = True) -> list[ray.ObjectRef]:
+        """Full weights for rollout engines: rank 0 returns ObjectRefs of dict[name, CPU tensor]
+        buckets of about bucket_bytes each (other ranks return []).
+
+        Names are the plain model's. For LoRA/DoRA the adapter is merged into the base
+        weights (merge_lora=True, what an engine without PEFT loads); merge_lora=False gives
+        the adapter's own weights as PEFT saves them.
+        """
+        state = self.backend.full_state_dict()
+        if self.rank != 0:
+            return []
+        if self.backend.is_peft:
+            if merge_lora:
+                state = peft_to_base_state_dict(self.backend.module, state)
+            else:
+                from peft import get_peft_model_state_dict
+
+                state = get_peft_model_state_dict(self.backend.module, state_dict=state)
+        buckets: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in state.items():
+            if size >= bucket_bytes:
+                buckets.append({})
+                size = 0
+            buckets[-1][name] = tensor.detach().cpu().contiguous()
+            size += tensor.numel() * tensor.element_size()
+        return [ray.put(bucket) for bucket in buckets if bucket]
+
+    def offload(self) -> None:
+        """Move weights and optimizer state off the GPU (colocated roles); a no-op on CPU."""
+        self.backend.offload()
+        gc.collect()
+
+    def onload(self) -> None:
+        self.backend.onload()
+
+
+def _accumulate(into: dict, metrics: dict) -> None:
+    for key, value in (metrics or {}).items():
+        into[key] = into.get(key, 0.0) + float(value)
+
+
+def _ensure_process_group() -> None:
+    """Outside an ActorGroup (a plain process), act as a group of one."""
+    if dist.is_initialized():
+        return
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
