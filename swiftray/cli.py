@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from swiftray.arguments import COMMANDS, ArgumentError
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"swiftray: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)
-    except ArgumentError as err:
+    except (ArgumentError, ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        # Bad input gets one clear line; SWIFTRAY_DEBUG=1 shows the traceback.
+        if os.environ.get("SWIFTRAY_DEBUG") == "1":
+            raise
         print(f"swiftray {command}: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,0 +1,33 @@
+"""ReferenceActor: a frozen copy of the starting policy; it only scores completions (log-probs for the KL term)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from swiftray.actors.group import DistributedWorker
+from swiftray.experience import RolloutBatch
+from swiftray.models.inference import load_inference_model
+from swiftray.models.logprobs import completion_logprobs
+
+
+class ReferenceActor(DistributedWorker):
+    def setup(self, config: dict[str, Any]) -> None:
+        """config: model_dir (the reference model), torch_dtype, batch_size."""
+        self.model, self.tokenizer = load_inference_model(config["model_dir"], config.get("adapters"),
+                                                          torch_dtype=config.get("torch_dtype"), merge=True)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.batch_size = config.get("batch_size", 16)
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch) -> list[list[float]]:
+        """Reference log-prob of each completion token of each completion."""
+        return completion_logprobs(self.model, batch.prompt_ids, batch.completion_ids,
+                                   self.tokenizer.pad_token_id, self.batch_size)
+
+    def attach_logprobs(self, batch: RolloutBatch) -> RolloutBatch:
+        """The same batch with `ref_logprobs` filled in."""
+        batch.ref_logprobs = self.logprobs(batch)
+        return batch

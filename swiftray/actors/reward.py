@@ -1,0 +1,35 @@
+"""RewardActor: runs the reward functions on rollouts.
+
+A plain actor (one call at a time, in the process's main thread), because
+math-verify's timeout uses `signal.alarm`, which works only there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from swiftray.actors.group import DistributedWorker
+from swiftray.experience import RolloutBatch
+
+
+class RewardActor(DistributedWorker):
+    def setup(self, config: dict[str, Any]) -> None:
+        """config: reward_funcs, reward_weights, reward_kwargs, external_plugins."""
+        from swiftray.rewards import build_reward_funcs, load_external_plugins
+
+        load_external_plugins(config.get("external_plugins", []))
+        self.rewards = build_reward_funcs(config["reward_funcs"], config.get("reward_weights"),
+                                          config.get("reward_kwargs", {}))
+
+    def score(self, batch: RolloutBatch) -> tuple[list[float], dict[str, list[float | None]]]:
+        """(weighted total per completion, each function's values)."""
+        extra = {"completion_ids": batch.completion_ids,
+                 "completion_lengths": [len(c) for c in batch.completion_ids],
+                 "prompt_ids": batch.prompt_ids, "truncated": batch.truncated}
+        per_func, total = self.rewards.score(batch.completions, batch.columns, extra)
+        return total, per_func
+
+    def score_batch(self, batch: RolloutBatch) -> RolloutBatch:
+        """The same batch with `rewards` and `reward_per_func` filled in (passed on actor to actor)."""
+        batch.rewards, batch.reward_per_func = self.score(batch)
+        return batch

@@ -1,0 +1,79 @@
+"""RolloutActor: generates completions with an engine (hf or vllm) and takes weight updates.
+
+    generate(prompts, params)          -> RolloutBatch (stays in the object store)
+    update_weights(version, buckets)   policy weights arrive as ObjectRefs of tensor buckets
+    sleep(level) / wake_up()           free memory while the policy trains (colocated mode)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+import torch
+
+from swiftray.actors.group import DistributedWorker
+from swiftray.experience import RolloutBatch
+from swiftray.models.generation import HFEngine, SamplingParams
+
+logger = logging.getLogger("swiftray")
+
+
+class RolloutActor(DistributedWorker):
+    def setup(self, config: dict[str, Any]) -> None:
+        """config: model_dir, engine ("hf" | "vllm"), torch_dtype, seed, vllm_* settings."""
+        self.version = 0
+        self.engine_name = config.get("engine", "hf")
+        torch.manual_seed(config.get("seed", 42) + 1000 * self.rank)
+        if self.engine_name == "vllm":
+            from swiftray.actors.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(config)
+            self.tokenizer = self.engine.tokenizer
+        else:
+            from swiftray.models.inference import load_inference_model
+
+            model, self.tokenizer = load_inference_model(config["model_dir"], torch_dtype=config.get("torch_dtype"))
+            self.engine = HFEngine(model, self.tokenizer, batch_size=config.get("batch_size", 64))
+
+    def generate(self, prompts: list[dict[str, Any]], params: SamplingParams, seed: int | None = None) -> RolloutBatch:
+        """`params.n` completions per prompt row; a row holds `prompt_ids` and its dataset columns."""
+        if seed is not None:
+            params = SamplingParams(**{**params.__dict__, "seed": seed + self.rank})
+        outputs = self.engine.generate([row["prompt_ids"] for row in prompts], params)
+        columns = {k: [] for k in prompts[0] if k != "prompt_ids"} if prompts else {}
+        batch = RolloutBatch([], [], [], [], [], columns, self.version)
+        for out in outputs:
+            row = prompts[out.prompt_index]
+            batch.prompt_ids.append(row["prompt_ids"])
+            batch.completion_ids.append(out.token_ids)
+            batch.completions.append(self.tokenizer.decode(out.token_ids, skip_special_tokens=True))
+            batch.truncated.append(out.finish_reason == "length")
+            batch.group.append(out.prompt_index)
+            for k in columns:
+                columns[k].append(row[k])
+        return batch
+
+    def update_weights(self, version: int, bucket_refs: list[ray.ObjectRef]) -> int:
+        """Load the policy's weights, bucket by bucket as they arrive; returns the tensors loaded."""
+        loaded = 0
+        for ref in bucket_refs:
+            bucket = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+            self.engine.load_weights(bucket)
+            loaded += len(bucket)
+        self.version = version
+        return loaded
+
+    def sequence_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """The engine's log-probs of given completions (to check a weight sync against the policy)."""
+        return self.engine.completion_logprobs(prompt_ids, completion_ids)
+
+    def get_version(self) -> int:
+        return self.version
+
+    def sleep(self, level: int = 1) -> None:
+        self.engine.sleep(level)
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()

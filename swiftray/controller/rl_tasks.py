@@ -1,0 +1,77 @@
+"""Ray tasks the RL driver launches so that rollout data never passes through the driver.
+
+Each takes ObjectRefs of scored RolloutBatches and returns refs (or small summaries).
+They only call the algorithm's methods and the shared batch plumbing.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import ray
+
+from swiftray.experience import RolloutBatch, concat_rollouts, select, split_for_ranks
+from swiftray.rewards import reward_metrics
+
+
+def _gather(refs: list[ray.ObjectRef]) -> RolloutBatch:
+    return concat_rollouts(ray.get(list(refs)))
+
+
+@ray.remote(num_cpus=0)
+def filter_groups(algorithm: Any, refs: list[ray.ObjectRef]) -> tuple[RolloutBatch, tuple[int, int]]:
+    """Dynamic sampling: the completions worth training on, and (kept, dropped) counts."""
+    batch = _gather(refs)
+    keep = algorithm.keep_groups(batch)
+    return select(batch, keep), (len(keep), len(batch) - len(keep))
+
+
+@ray.remote(num_cpus=0)
+def make_step_batch(algorithm: Any, refs: list[ray.ObjectRef], world_size: int, micro_batch_size: int,
+                    pad_token_id: int, size: int, policy_version: int, num_logged: int) -> tuple:
+    """(shard for rank 0, ..., shard for rank N-1, summary): advantages and per-rank micro-batches."""
+    batch = _gather(refs)
+    if len(batch) > size:
+        batch = select(batch, list(range(size)))
+    staleness = policy_version - batch.version
+    if staleness > algorithm.max_staleness:
+        raise RuntimeError(f"rollouts from weight version {batch.version} are {staleness} steps behind the "
+                           f"policy (version {policy_version}); {algorithm.name} allows {algorithm.max_staleness}")
+    rows = algorithm.make_experience(batch, pad_token_id)
+    shards = split_for_ranks(rows, world_size, micro_batch_size)
+    summary = {"metrics": {**rollout_metrics(batch), "staleness": staleness,
+                           "advantage/abs_mean": float(rows["advantages"].abs().mean())},
+               "completions": completion_rows(batch, num_logged)}
+    return (*shards, summary)
+
+
+@ray.remote(num_cpus=0)
+def score_eval(refs: list[ray.ObjectRef]) -> dict[str, float]:
+    """Held-out metrics: mean of each reward over greedy completions, and their length."""
+    batch = _gather(refs)
+    return rollout_metrics(batch)
+
+
+def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
+    lengths = [len(c) for c in batch.completion_ids]
+    out = reward_metrics(batch.reward_per_func, batch.rewards)
+    out.update({
+        "completions/mean_length": statistics.fmean(lengths),
+        "completions/max_length": float(max(lengths)),
+        "completions/min_length": float(min(lengths)),
+        "completions/clipped_ratio": sum(batch.truncated) / len(batch),
+        "rollout/version": float(batch.version),
+    })
+    return out
+
+
+def completion_rows(batch: RolloutBatch, limit: int) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(min(limit, len(batch))):
+        messages = batch.columns.get("messages", [None] * len(batch))[i]
+        prompt = messages[-1]["content"] if messages else None
+        rows.append({"prompt": prompt, "completion": batch.completions[i],
+                     "reward": batch.rewards[i] if batch.rewards else None,
+                     **{k: v[i] for k, v in batch.reward_per_func.items()}})
+    return rows

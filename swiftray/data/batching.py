@@ -1,0 +1,107 @@
+"""From tokenised samples to each rank's micro-batches, one optimizer step at a time.
+
+A "unit" is what one row of a micro-batch holds: one sample, or with
+`--packing` one pack of samples. Each epoch shuffles the units with
+`seed + epoch`, so the order is a pure function of (seed, epoch) and resuming
+needs only (epoch, position). A step takes world_size x accumulation x
+micro_batch units; the last step of an epoch is filled from the epoch's start,
+as torch's DistributedSampler pads, so every rank always has full work.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import torch
+
+from swiftray.data.packing import collate, pack_samples
+
+
+class StepBatcher:
+    def __init__(self, samples: list[dict[str, Any]], *, micro_batch_size: int, world_size: int,
+                 accumulation: int, pad_token_id: int, seed: int = 42, shuffle: bool = True,
+                 packing: bool = False, max_length: int | None = None, attn_impl: str | None = None):
+        if not samples:
+            raise ValueError("no training samples left after preprocessing (see the skipped-row counts above)")
+        if packing and not max_length:
+            raise ValueError("--packing needs --max_length (the length of each packed row)")
+        self.samples = samples
+        self.micro_batch_size = micro_batch_size
+        self.world_size = world_size
+        self.accumulation = accumulation
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+        self.shuffle = shuffle
+        self.packing = packing
+        self.max_length = max_length
+        self.attn_impl = attn_impl
+        self.epoch = 0
+        self.position = 0  # units of the current epoch already consumed
+        self._units = self._epoch_units(0)
+
+    @property
+    def units_per_step(self) -> int:
+        return self.micro_batch_size * self.world_size * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self._units) / self.units_per_step)
+
+    def _epoch_units(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self.samples)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        if not self.packing:
+            return [[i] for i in order]
+        packs = pack_samples([self.samples[i] for i in order], self.max_length, seed=self.seed + epoch)
+        return [[order[j] for j in pack] for pack in packs]
+
+    def next_step(self) -> list[list[dict[str, torch.Tensor]]]:
+        """Micro-batches for each rank: result[rank][k] is a collated batch."""
+        need = self.units_per_step
+        chosen = self._units[self.position:self.position + need]
+        if len(chosen) < need:  # epoch tail: pad from the epoch's start
+            chosen = chosen + self._units[: need - len(chosen)]
+        self.position += need
+        if self.position >= len(self._units):
+            self.epoch += 1
+            self.position = 0
+            self._units = self._epoch_units(self.epoch)
+        per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(self.world_size)]
+        b = self.micro_batch_size
+        for k in range(self.accumulation):
+            for rank in range(self.world_size):
+                start = (k * self.world_size + rank) * b
+                per_rank[rank].append(self._collate(chosen[start:start + b]))
+        return per_rank
+
+    def _collate(self, units: list[list[int]]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return collate([[self.samples[i] for i in unit] for unit in units],
+                           pad_token_id=self.pad_token_id, packing=True, attn_impl=self.attn_impl)
+        return collate([self.samples[unit[0]] for unit in units], pad_token_id=self.pad_token_id,
+                       packing=False, attn_impl=self.attn_impl)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._units = self._epoch_units(self.epoch)
+
+
+def eval_batches(samples: list[dict[str, Any]], *, batch_size: int, world_size: int,
+                 pad_token_id: int) -> list[list[dict[str, torch.Tensor]]]:
+    """Every eval sample exactly once, split over ranks: result[rank] is a list of batches.
+
+    Ranks with fewer samples get fewer batches; eval only all-reduces sums, so uneven shards are fine.
+    """
+    per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(world_size)]
+    for rank in range(world_size):
+        shard = samples[rank::world_size]
+        for i in range(0, len(shard), batch_size):
+            per_rank[rank].append(collate(shard[i:i + batch_size], pad_token_id=pad_token_id, packing=False))
+    return per_rank

@@ -1,0 +1,71 @@
+"""Flags to tokenised samples: load, normalise, split, encode with the template (cached by `datasets`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from datasets import Dataset
+
+from swiftray.data.loader import load_datasets, split_train_val
+from swiftray.data.template import SampleTooLongError, Template
+
+logger = logging.getLogger("swiftray")
+
+
+def _columns(args: Any) -> dict[str, str] | None:
+    if not args.columns:
+        return None
+    if isinstance(args.columns, dict):
+        return args.columns
+    try:
+        return json.loads(args.columns)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--columns {args.columns!r}: expected a JSON object like '{{\"old\": \"new\"}}'") from err
+
+
+def load_train_val(args: Any, *, allow_no_response: bool = False,
+                   required_columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
+    """Normalised rows from --dataset / --val_dataset / --split_dataset_ratio."""
+    common = dict(seed=args.data_seed, columns=_columns(args), num_proc=args.dataset_num_proc,
+                  allow_no_response=allow_no_response, strict=args.strict,
+                  required_columns=list(required_columns), model_name=args.model_name,
+                  model_author=args.model_author)
+    train = load_datasets(args.dataset, shuffle=args.dataset_shuffle, **common)
+    val = load_datasets(args.val_dataset, shuffle=False, **common) if args.val_dataset else None
+    if val is None and args.split_dataset_ratio > 0:
+        train, val = split_train_val(train, args.split_dataset_ratio, seed=args.data_seed)
+    return train, val
+
+
+def encode_dataset(ds: Dataset, template: Template, *, num_proc: int = 1,
+                   name: str = "train") -> list[dict[str, list[int]]]:
+    """Tokenise every row through `datasets.map`; rows over max_length are skipped with a logged count."""
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            out = template.encode(row["messages"])
+        except SampleTooLongError:
+            return {"input_ids": [], "labels": [], "too_long": True}
+        return {"input_ids": out["input_ids"], "labels": out["labels"], "too_long": False}
+
+    encoded = ds.map(encode, num_proc=num_proc if num_proc > 1 else None,
+                     remove_columns=ds.column_names, desc=f"tokenising {name}")
+    too_long = sum(encoded["too_long"])
+    if too_long:
+        logger.warning("skipped %d of %d %s samples longer than --max_length %s "
+                       "(--truncation_strategy delete; use left or right to keep them)",
+                       too_long, len(encoded), name, template.max_length)
+    no_loss = 0
+    samples = []
+    for row in encoded:
+        if row["too_long"]:
+            continue
+        if all(label == -100 for label in row["labels"]):
+            no_loss += 1  # nothing to learn from: every label masked by --loss_scale
+            continue
+        samples.append({"input_ids": row["input_ids"], "labels": row["labels"]})
+    if no_loss:
+        logger.warning("skipped %d %s samples with no loss tokens under --loss_scale", no_loss, name)
+    return samples

@@ -1,0 +1,123 @@
+"""`swiftray infer`: chat on a terminal, or generate over --val_dataset into --result_path (JSONL)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm.auto import tqdm
+
+from swiftray.data.template import Template
+from swiftray.models.generation import HFEngine, SamplingParams
+from swiftray.models.inference import load_inference_model
+
+logger = logging.getLogger("swiftray")
+
+CLEAR_COMMANDS = ("clear", "/clear", "reset-system")
+EXIT_COMMANDS = ("exit", "quit", "/exit", "/quit")
+
+
+def sampling_params(args: Any) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0,
+                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
+
+
+class Chat:
+    """A multi-turn conversation with one model."""
+
+    def __init__(self, engine: HFEngine, template: Template, params: SamplingParams,
+                 enable_thinking: bool | None = None):
+        self.engine = engine
+        self.template = template
+        self.params = params
+        self.enable_thinking = enable_thinking
+        self.history: list[dict[str, str]] = []
+
+    def reply(self, text: str, streamer: Any = None) -> str:
+        self.history.append({"role": "user", "content": text})
+        prompt = self.template.encode_prompt(self.history, enable_thinking=self.enable_thinking)
+        completion = self.engine.generate([prompt], self.params, streamer=streamer)[0]
+        answer = self.engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+    def clear(self) -> None:
+        self.history = []
+
+
+def interactive(chat: Chat, stream: bool, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    from transformers import TextStreamer
+
+    print(f"Input `{CLEAR_COMMANDS[0]}` to clear the history, `{EXIT_COMMANDS[0]}` to leave.", file=stdout)
+    while True:
+        print("<<< ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in EXIT_COMMANDS:
+            break
+        if text in CLEAR_COMMANDS:
+            chat.clear()
+            print("history cleared", file=stdout)
+            continue
+        if stream:
+            streamer = TextStreamer(chat.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            chat.reply(text, streamer=streamer)
+        else:
+            print(chat.reply(text), file=stdout)
+        print("-" * 40, file=stdout, flush=True)
+
+
+def batch_infer(engine: HFEngine, template: Template, rows: list[dict[str, Any]], params: SamplingParams,
+                result_path: Path, batch_size: int, enable_thinking: bool | None = None) -> list[dict[str, Any]]:
+    """Answer every row's last user turn; write one JSON line per row (response, and labels if the row had one)."""
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    with open(result_path, "w", encoding="utf-8") as out:
+        for start in tqdm(range(0, len(rows), batch_size), desc="infer", unit="batch"):
+            chunk = rows[start:start + batch_size]
+            prompts, labels = [], []
+            for row in chunk:
+                messages = list(row["messages"])
+                label = messages.pop()["content"] if messages and messages[-1]["role"] == "assistant" else None
+                prompts.append(template.encode_prompt(messages, enable_thinking=enable_thinking))
+                labels.append(label)
+            for row, label, completion in zip(chunk, labels, engine.generate(prompts, params)):
+                response = engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+                record = {**{k: v for k, v in row.items() if k != "messages"},
+                          "messages": row["messages"], "response": response, "labels": label}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                results.append(record)
+    return results
+
+
+def run_infer(args: Any) -> list[dict[str, Any]] | None:
+    if args.infer_backend not in ("hf", "vllm"):
+        raise ValueError(f"--infer_backend {args.infer_backend!r}: expected hf (or pt) or vllm")
+    if args.infer_backend == "vllm":
+        logger.warning("--infer_backend vllm: serving through vLLM comes with the RL engine; using hf")
+    model, tokenizer = load_inference_model(args.model, args.adapters, torch_dtype=args.torch_dtype)
+    template = Template(tokenizer, default_system=args.system, max_length=args.max_length,
+                        truncation_strategy="left")
+    engine = HFEngine(model, tokenizer, batch_size=args.max_batch_size)
+    params = sampling_params(args)
+    if args.val_dataset:
+        from swiftray.data.loader import load_datasets
+
+        rows = list(load_datasets(args.val_dataset, seed=args.seed, shuffle=False, allow_no_response=True,
+                                  model_name=args.model_name, model_author=args.model_author))
+        default = Path(args.adapters[0] if args.adapters else args.model) / "infer_result" / "result.jsonl"
+        result_path = Path(args.result_path) if args.result_path else default
+        results = batch_infer(engine, template, rows, params, result_path, args.max_batch_size,
+                              args.enable_thinking)
+        logger.info("wrote %d results to %s", len(results), result_path)
+        return results
+    interactive(Chat(engine, template, params, args.enable_thinking), stream=args.stream)
+    return None
