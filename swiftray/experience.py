@@ -26,6 +26,7 @@ class RolloutBatch:
     rewards: list[float] = field(default_factory=list)
     reward_per_func: dict[str, list[float | None]] = field(default_factory=dict)
     ref_logprobs: list[list[float]] | None = None  # per completion token, from the reference model
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (generate_s, score_s, ...)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -52,6 +53,8 @@ def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
             out.reward_per_func.setdefault(k, []).extend(v)
         if p.ref_logprobs is not None:
             out.ref_logprobs = (out.ref_logprobs or []) + p.ref_logprobs
+        for k, v in p.timings.items():  # workers run side by side: the slowest one is the stage's time
+            out.timings[k] = max(out.timings.get(k, 0.0), v)
     return out
 
 
@@ -64,6 +67,7 @@ def select(batch: RolloutBatch, keep: list[int]) -> RolloutBatch:
         pick(batch.rewards) if batch.rewards else [],
         {k: pick(v) for k, v in batch.reward_per_func.items()},
         pick(batch.ref_logprobs) if batch.ref_logprobs is not None else None,
+        dict(batch.timings),
     )
 
 

@@ -121,6 +121,19 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return logprobs, mask, correct
 
 
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution, laid out like token_logprobs ([B, T-1], zero off the mask).
+
+    One row at a time, so that the float32 copy of the logits stays one sequence long.
+    """
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    for b in range(logits.shape[0]):
+        logp = torch.log_softmax(logits[b, :-1].float(), dim=-1)
+        out[b] = -(logp.exp() * logp).sum(-1)
+    return out * mask
+
+
 def _fetch(item: Any) -> Any:
     return ray.get(item) if isinstance(item, ray.ObjectRef) else item
 
@@ -161,8 +174,12 @@ class PolicyActor(DistributedWorker):
         return counts
 
     # --- training and evaluation ----------------------------------------------------------
-    def train_step(self, micro_batches: list | ray.ObjectRef, loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, micro_batches: list | ray.ObjectRef, loss_fn: LossFn,
+                   with_entropy: bool = False) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches (gradient accumulation).
+
+        with_entropy: loss_fn's batch also gets `entropies` [B, T-1], each next-token
+        distribution's entropy (no gradient), for algorithms that log or use it.
 
         Returns global metrics, the same on every rank: loss (loss_fn's losses summed over
         micro-batches and ranks: the global mean when loss_fn divides by num_tokens_global),
@@ -176,7 +193,7 @@ class PolicyActor(DistributedWorker):
         loss_sum, correct, extra = 0.0, 0, {}
         for i, batch in enumerate(batches):
             with self.backend.micro_step(is_last=i == len(batches) - 1):
-                batch, logprobs, mask, n_correct = self._forward(batch)
+                batch, logprobs, mask, n_correct = self._forward(batch, with_entropy)
                 loss, metrics = loss_fn(logprobs, {**batch, "loss_mask": mask}, num_tokens)
                 # Backends average gradients over ranks; the loss is already a global mean.
                 self.backend.backward(loss * self.world_size)
@@ -231,7 +248,8 @@ class PolicyActor(DistributedWorker):
                                  f"[B, T], got {keys}")
         return batches
 
-    def _forward(self, batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: dict, with_entropy: bool = False
+                 ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         labels = batch.get("labels")
         if labels is None:
@@ -243,6 +261,8 @@ class PolicyActor(DistributedWorker):
                              f"{tuple(batch['input_ids'].shape)}")
         logits = self.backend.forward({k: batch[k] for k in MODEL_INPUTS if k in batch})
         logprobs, mask, correct = token_logprobs(logits, labels)
+        if with_entropy:
+            batch["entropies"] = token_entropy(logits, mask)
         return batch, logprobs, mask, correct
 
     def _global_num_tokens(self, batches: list[dict]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -29,5 +30,7 @@ class ReferenceActor(DistributedWorker):
 
     def attach_logprobs(self, batch: RolloutBatch) -> RolloutBatch:
         """The same batch with `ref_logprobs` filled in."""
+        start = time.time()
         batch.ref_logprobs = self.logprobs(batch)
+        batch.timings["reference_s"] = time.time() - start
         return batch

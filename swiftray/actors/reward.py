@@ -6,6 +6,7 @@ math-verify's timeout uses `signal.alarm`, which works only there.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from swiftray.actors.group import DistributedWorker
@@ -14,10 +15,12 @@ from swiftray.experience import RolloutBatch
 
 class RewardActor(DistributedWorker):
     def setup(self, config: dict[str, Any]) -> None:
-        """config: reward_funcs, reward_weights, reward_kwargs, external_plugins."""
-        from swiftray.rewards import build_reward_funcs, load_external_plugins
+        """config: reward_funcs, reward_weights, reward_kwargs, external_plugins, and `registered`:
+        {name: function or class} registered by code in the driver (shipped pickled)."""
+        from swiftray.rewards import REWARD_FUNCS, build_reward_funcs, load_external_plugins
 
         load_external_plugins(config.get("external_plugins", []))
+        REWARD_FUNCS.update(config.get("registered") or {})
         self.rewards = build_reward_funcs(config["reward_funcs"], config.get("reward_weights"),
                                           config.get("reward_kwargs", {}))
 
@@ -31,5 +34,7 @@ class RewardActor(DistributedWorker):
 
     def score_batch(self, batch: RolloutBatch) -> RolloutBatch:
         """The same batch with `rewards` and `reward_per_func` filled in (passed on actor to actor)."""
+        start = time.time()
         batch.rewards, batch.reward_per_func = self.score(batch)
+        batch.timings["score_s"] = time.time() - start
         return batch

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import ray
@@ -41,6 +42,7 @@ class RolloutActor(DistributedWorker):
         """`params.n` completions per prompt row; a row holds `prompt_ids` and its dataset columns."""
         if seed is not None:
             params = SamplingParams(**{**params.__dict__, "seed": seed + self.rank})
+        start = time.time()
         outputs = self.engine.generate([row["prompt_ids"] for row in prompts], params)
         columns = {k: [] for k in prompts[0] if k != "prompt_ids"} if prompts else {}
         batch = RolloutBatch([], [], [], [], [], columns, self.version)
@@ -53,6 +55,7 @@ class RolloutActor(DistributedWorker):
             batch.group.append(out.prompt_index)
             for k in columns:
                 columns[k].append(row[k])
+        batch.timings["generate_s"] = time.time() - start
         return batch
 
     def update_weights(self, version: int, bucket_refs: list[ray.ObjectRef]) -> int:

@@ -81,12 +81,14 @@ class GRPO(Algorithm):
     def loss(self, token_logprobs: torch.Tensor, batch: dict[str, Any],
              num_tokens_global: int) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch["labels"][:, 1:] != -100
-        global_tokens = num_tokens_global if self.loss_type == "dapo" else None
+        # A step whose completions were all masked (e.g. all overlong) has no tokens: loss 0, not 0/0.
+        global_tokens = max(1, num_tokens_global) if self.loss_type == "dapo" else None
         loss, metrics = policy_loss(
             token_logprobs, batch.get("old_logprobs"), batch["advantages"], mask, loss_type=self.loss_type,
             epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
             ref_logprobs=batch.get("ref_logprobs"), max_completion_length=self.max_completion_length,
-            num_sequences_global=int(batch["num_sequences_global"]), num_tokens_global=global_tokens)
+            num_sequences_global=int(batch["num_sequences_global"]), num_tokens_global=global_tokens,
+            entropies=batch.get("entropies"))
         if self.loss_type == "bnpo":
             # bnpo averages over each micro-batch's tokens; the step sums micro-batches, so divide by their count.
             loss = loss / int(batch["num_micro_batches_global"])

@@ -81,6 +81,53 @@ def reward_kwargs(args: Any) -> dict[str, Any]:
     return out
 
 
+def driver_rewards(names: list[str]) -> dict[str, Any]:
+    """Rewards registered by code in this process (a Python-API script), to ship to the reward actors.
+
+    Built-ins exist in every process, and plug-in files are imported by each actor itself; a
+    function or class registered in the user's script exists only here, so it travels pickled.
+    """
+    from swiftray.rewards import REWARD_FUNCS
+    from swiftray.rewards.builtin import BUILTIN_REWARDS
+
+    out = {}
+    for name in names:
+        obj = REWARD_FUNCS.get(name)
+        if obj is None or BUILTIN_REWARDS.get(name) is obj:
+            continue
+        if getattr(obj, "__module__", "").startswith("swiftray_plugin_"):  # see load_external_plugins
+            continue
+        out[name] = obj
+    return out
+
+
+def ship_plugins_by_value() -> None:
+    """Let what plug-in files define (an algorithm class, say) travel to other processes.
+
+    load_external_plugins imports each file under a generated module name that no other process
+    has, so pickling its classes by reference fails there; by value, they arrive whole.
+    """
+    import sys
+
+    from ray import cloudpickle
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("swiftray_plugin_"):  # the names load_external_plugins gives
+            cloudpickle.register_pickle_by_value(module)
+
+
+def readable_error(err: BaseException) -> BaseException:
+    """The exception an actor or task raised, out of Ray's RayTaskError wrapping (which repeats the
+    remote traceback in its message). The wrapping stays attached as __cause__ for debugging."""
+    import ray
+
+    cause = err
+    while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(getattr(cause, "cause", None),
+                                                                         BaseException):
+        cause = cause.cause
+    return cause
+
+
 def hardware_warnings(args: Any) -> list[str]:
     """Flags that only mean something on GPUs, explained once when there are none."""
     import torch

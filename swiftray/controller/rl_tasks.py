@@ -40,10 +40,19 @@ def make_step_batch(algorithm: Any, refs: list[ray.ObjectRef], world_size: int, 
                            f"policy (version {policy_version}); {algorithm.name} allows {algorithm.max_staleness}")
     rows = algorithm.make_experience(batch, pad_token_id)
     shards = split_for_ranks(rows, world_size, micro_batch_size)
-    summary = {"metrics": {**rollout_metrics(batch), "staleness": staleness,
+    timings = {f"time/{k}": v for k, v in batch.timings.items()}
+    summary = {"metrics": {**rollout_metrics(batch), **timings, "staleness": staleness,
                            "advantage/abs_mean": float(rows["advantages"].abs().mean())},
                "completions": completion_rows(batch, num_logged)}
     return (*shards, summary)
+
+
+@ray.remote(num_cpus=0)
+def attach_old_logprobs(shard: list[dict[str, Any]], logprobs: list[Any]) -> list[dict[str, Any]]:
+    """A rank's micro-batches with `old_logprobs`: the policy's log-probs before the step's first update."""
+    if len(shard) != len(logprobs):
+        raise ValueError(f"{len(logprobs)} log-prob tensors for {len(shard)} micro-batches")
+    return [{**micro, "old_logprobs": lp} for micro, lp in zip(shard, logprobs)]
 
 
 @ray.remote(num_cpus=0)
