@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"swiftray: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)
-    except (ArgumentError, ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+    except (ArgumentError, ValueError, FileNotFoundError, KeyError, RuntimeError, ConnectionError) as err:
         # Bad input gets one clear line; SWIFTRAY_DEBUG=1 shows the traceback.
         if os.environ.get("SWIFTRAY_DEBUG") == "1":
             raise

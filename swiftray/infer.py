@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
+from transformers import TextStreamer
 
 from swiftray.data.template import Template
 from swiftray.models.generation import HFEngine, SamplingParams
@@ -49,9 +50,23 @@ class Chat:
         self.history = []
 
 
-def interactive(chat: Chat, stream: bool, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
-    from transformers import TextStreamer
+class WriterStreamer(TextStreamer):
+    """transformers' TextStreamer writing to a given stream (it always prints to sys.stdout)."""
 
+    def __init__(self, tokenizer: Any, out: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
+
+
+def interactive(chat: Chat, stream: bool, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    """Read a turn per line until EOF or an exit command; `clear` forgets the conversation."""
+    # Looked up per call, not bound at import, so that a redirected sys.stdin/stdout is honoured.
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
     print(f"Input `{CLEAR_COMMANDS[0]}` to clear the history, `{EXIT_COMMANDS[0]}` to leave.", file=stdout)
     while True:
         print("<<< ", end="", file=stdout, flush=True)
@@ -68,8 +83,7 @@ def interactive(chat: Chat, stream: bool, stdin: TextIO = sys.stdin, stdout: Tex
             print("history cleared", file=stdout)
             continue
         if stream:
-            streamer = TextStreamer(chat.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            chat.reply(text, streamer=streamer)
+            chat.reply(text, streamer=WriterStreamer(chat.engine.tokenizer, stdout))
         else:
             print(chat.reply(text), file=stdout)
         print("-" * 40, file=stdout, flush=True)

@@ -33,24 +33,30 @@ def start_run(args: Any) -> Path:
     return run_dir
 
 
+def absolute(path: str | Path) -> str:
+    """Actors on a cluster joined by address do not share the driver's working directory:
+    hand them absolute paths. A name that is not a local path is passed through."""
+    return str(Path(path).resolve()) if os.path.exists(path) else str(path)
+
+
 def policy_config(args: Any, total_steps: int) -> dict[str, Any]:
     """Everything a PolicyActor needs to build its model, backend and optimizer."""
     backend = "deepspeed" if args.deepspeed else ("fsdp2" if args.fsdp and args.fsdp != "no" else "ddp")
     return {
-        "model_dir": args.model,
+        "model_dir": absolute(args.model),
         "torch_dtype": args.torch_dtype or "float32",
         "attn_impl": args.attn_impl,
         "gradient_checkpointing": args.gradient_checkpointing,
         "use_liger_kernel": args.use_liger_kernel,
         "train_type": args.train_type,
-        "adapters": list(args.adapters),
+        "adapters": [absolute(a) for a in args.adapters],
         "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout,
         "target_modules": list(args.target_modules),
         "modules_to_save": list(args.modules_to_save),
         "backend": backend,
-        "deepspeed": args.deepspeed,
+        "deepspeed": absolute(args.deepspeed) if args.deepspeed else None,  # preset name or JSON path
         "learning_rate": args.learning_rate,
         "weight_decay": args.weight_decay,
         "adam_betas": (args.adam_beta1, args.adam_beta2),
@@ -85,7 +91,7 @@ def save_checkpoint(group: ActorGroup, run_dir: Path, step: int, *, tokenizer: A
                     trainer_state: dict[str, Any], best: Path | None) -> Path:
     """Write checkpoint-STEP aside, then rename it into place; prune to --save_total_limit."""
     staging = ckpt.staging_dir(run_dir, step)
-    ray.get(group.call_all("save_checkpoint", str(staging), args.save_only_model))
+    ray.get(group.call_all("save_checkpoint", absolute(staging), args.save_only_model))
     tokenizer.save_pretrained(staging)
     ckpt.write_json(staging / "args.json", ckpt.args_to_dict(args))
     ckpt.write_json(staging / ckpt.TRAINER_STATE, trainer_state)

@@ -20,6 +20,7 @@ from swiftray import checkpoint as ckpt
 from swiftray.algorithms.sft import SFT
 from swiftray.cluster import init_ray
 from swiftray.controller.common import (
+    absolute,
     is_better,
     save_checkpoint,
     seed_everything,
@@ -74,7 +75,7 @@ def run_sft(args: Any) -> Path:
     step, best_metric, best_ckpt = 0, None, None
     if resume:
         state = ckpt.read_trainer_state(resume)
-        ray.get(policy.call_all("load_checkpoint", str(resume)))
+        ray.get(policy.call_all("load_checkpoint", absolute(resume)))
         batcher.load_state_dict(state["data"])
         step, best_metric = state["global_step"], state.get("best_metric")
         logger.info("resumed from %s at step %d", resume, step)

@@ -97,11 +97,16 @@ def eval_batches(samples: list[dict[str, Any]], *, batch_size: int, world_size: 
                  pad_token_id: int) -> list[list[dict[str, torch.Tensor]]]:
     """Every eval sample exactly once, split over ranks: result[rank] is a list of batches.
 
-    Ranks with fewer samples get fewer batches; eval only all-reduces sums, so uneven shards are fine.
+    Every rank gets the same number of batches, because sharded backends (FSDP2, ZeRO-3) run
+    collectives in each forward: a rank with fewer samples gets filler batches whose labels are
+    all -100, which add nothing to the loss, the accuracy or the token count.
     """
-    per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(world_size)]
-    for rank in range(world_size):
-        shard = samples[rank::world_size]
-        for i in range(0, len(shard), batch_size):
-            per_rank[rank].append(collate(shard[i:i + batch_size], pad_token_id=pad_token_id, packing=False))
+    shards = [samples[rank::world_size] for rank in range(world_size)]
+    num_batches = max(math.ceil(len(shard) / batch_size) for shard in shards)
+    filler = {"input_ids": samples[0]["input_ids"], "labels": [-100] * len(samples[0]["input_ids"])}
+    per_rank: list[list[dict[str, torch.Tensor]]] = []
+    for shard in shards:
+        batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+        batches += [[filler]] * (num_batches - len(batches))
+        per_rank.append([collate(batch, pad_token_id=pad_token_id, packing=False) for batch in batches])
     return per_rank
