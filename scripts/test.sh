@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0 SWIFTRAY_NO_PROGRESS=1
+export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0 SWIFTRAY_NO_PROGRESS=1
 .venv/bin/python -m ruff check swiftray tests scripts benchmarks
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

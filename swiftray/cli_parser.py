@@ -122,6 +122,7 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
 def parse_args(cls: type, argv: list[str], prog: str = "swiftray") -> Any:
     """Parse `argv` into a finalized `cls` instance."""
     parser, flag_to_field = build_parser(cls, prog)
+    argv = [str(a) for a in argv]  # Python callers may pass numbers
     known, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
