@@ -2,6 +2,8 @@
 
 Levels set the difficulty:
 
+0. one or two steps (``+``, ``-``) with one-digit numbers: small enough for the demo's tiny
+   model to learn on two CPU cores in minutes (subsets ``easy_train``, ``easy_val``, ``easy_test``);
 1. one step, ``+`` or ``-``, numbers below 100;
 2. one step, ``+``/``-`` with 3-digit numbers or ``*`` of a 1-digit by a 2-digit number;
 3. two steps (``a + b - c``, ``a * b + c``, ...) with 1- to 3-digit numbers.
@@ -14,11 +16,15 @@ subset shares no arithmetic with ``train``, so test accuracy measures more than 
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterable
 
 DEFAULT_SEED = 20240601
 SPLIT_SIZES = {"train": 5000, "test": 500}
+# Level 0 has about 2,000 distinct problems; one shuffled pool of them is cut into three
+# disjoint parts: the demo trains on easy_train, stops SFT on easy_val, reports easy_test.
+EASY_SPLITS = {"easy_train": (0, 1200), "easy_val": (1200, 1300), "easy_test": (1300, 1600)}
 
 NAMES = (
     "Tom",
@@ -102,6 +108,13 @@ _OPS = {"add": "+", "sub": "-", "mul": "*"}
 def _numbers(kind: str, level: int, rng: random.Random) -> tuple[int, ...]:
     """Operands for one problem; subtractions never go below zero."""
     r = rng.randint
+    if level == 0:
+        a, b = r(1, 9), r(1, 9)
+        if kind in ("sub", "sub_add"):
+            a, b = max(a, b), min(a, b)
+        if kind == "add_sub":
+            return a, b, r(1, min(9, a + b))
+        return (a, b) if kind in ("add", "sub") else (a, b, r(1, 9))
     if level == 1:
         a, b = r(2, 99), r(2, 99)
         return (max(a, b), min(a, b)) if kind == "sub" else (a, b)
@@ -134,6 +147,7 @@ def _steps(kind: str, nums: tuple[int, ...]) -> tuple[list[str], int]:
 
 def _kinds_for(level: int) -> tuple[str, ...]:
     return {
+        0: ("add", "sub", "add_sub", "sub_add", "add_add"),
         1: ("add", "sub"),
         2: ("add", "sub", "mul"),
         3: ("add_sub", "sub_add", "add_add", "mul_add", "mul_sub"),
@@ -149,8 +163,8 @@ def make_arithmetic(
 
 def _make(n: int, seed: int, levels: Iterable[int], exclude: Iterable[str]) -> tuple[list[dict], set[str]]:
     levels = tuple(levels)
-    if not levels or any(lv not in (1, 2, 3) for lv in levels):
-        raise ValueError(f"levels must be a non-empty subset of (1, 2, 3), got {levels}")
+    if not levels or any(lv not in (0, 1, 2, 3) for lv in levels):
+        raise ValueError(f"levels must be a non-empty subset of (0, 1, 2, 3), got {levels}")
     rng = random.Random(seed)
     seen, made, rows, attempts = set(exclude), set(), [], 0
     while len(rows) < n:
@@ -189,6 +203,11 @@ def _make(n: int, seed: int, levels: Iterable[int], exclude: Iterable[str]) -> t
     return rows, made
 
 
+@functools.lru_cache(maxsize=2)
+def _easy_pool(seed: int) -> tuple[dict, ...]:
+    return tuple(make_arithmetic(max(stop for _, stop in EASY_SPLITS.values()), seed, levels=(0,)))
+
+
 def arithmetic_split(
     split: str = "train",
     *,
@@ -196,9 +215,13 @@ def arithmetic_split(
     n_train: int = SPLIT_SIZES["train"],
     n_test: int = SPLIT_SIZES["test"],
 ) -> list[dict]:
-    """The ``train`` or ``test`` subset; ``test`` avoids every expression that ``train`` holds."""
+    """A subset; ``test`` avoids every expression that ``train`` holds, the ``easy_*`` ones each other's."""
+    if split in EASY_SPLITS:
+        start, stop = EASY_SPLITS[split]
+        return [dict(row) for row in _easy_pool(seed)[start:stop]]
     if split not in SPLIT_SIZES:
-        raise ValueError(f"swiftray/arithmetic has no subset {split!r}; choose from {sorted(SPLIT_SIZES)}")
+        choices = sorted(SPLIT_SIZES) + sorted(EASY_SPLITS)
+        raise ValueError(f"swiftray/arithmetic has no subset {split!r}; choose from {choices}")
     train, train_expressions = _make(n_train, seed, (1, 2, 3), ())
     if split == "train":
         return train
