@@ -55,6 +55,20 @@ class DistributedWorker:
             timeout=timedelta(minutes=30),
         )
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def use_cores(self, share: float) -> int:
+        """Set torch's threads to `share` of this node's cores (at least 1); returns the thread count.
+
+        Ray's logical CPUs are a scheduling budget, not threads: the driver retunes threads to
+        what actually runs at the same time (see controller/rl.py `thread_shares`).
+        """
+        import torch
+
+        torch.set_num_threads(max(1, int((os.cpu_count() or 1) * share)))
+        return torch.get_num_threads()
+
     def ping(self) -> dict[str, Any]:
         """Rank facts, for tests and debugging."""
         import torch

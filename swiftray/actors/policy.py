@@ -31,6 +31,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from swiftray.actors import shared_weights
 from swiftray.actors.backends import BACKENDS, adamw_factory, make_backend
 from swiftray.actors.group import DistributedWorker
 from swiftray.models.loader import load_model, peft_to_base_state_dict
@@ -326,9 +327,14 @@ class PolicyActor(DistributedWorker):
         dist.barrier()
         return self.global_step
 
-    def export_weights(self, bucket_bytes: int = 64 << 20, merge_lora: bool = True) -> list[ray.ObjectRef]:
+    def export_weights(self, bucket_bytes: int = 64 << 20, merge_lora: bool = True,
+                       shared_memory: bool = False) -> list[ray.ObjectRef] | list[dict]:
         """Full weights for rollout engines: rank 0 returns ObjectRefs of dict[name, CPU tensor]
         buckets of about bucket_bytes each (other ranks return []).
+
+        shared_memory=True (rollouts on this node): rank 0 instead copies the weights into its
+        shared-memory buffer and returns [handle] (see shared_weights.py); RolloutActor.update_weights
+        takes either form.
 
         Names are the plain model's. For LoRA/DoRA the adapter is merged into the base
         weights (merge_lora=True, what an engine without PEFT loads); merge_lora=False gives
@@ -344,6 +350,10 @@ class PolicyActor(DistributedWorker):
                 from peft import get_peft_model_state_dict
 
                 state = get_peft_model_state_dict(self.backend.module, state_dict=state)
+        if shared_memory and shared_weights.available():
+            if getattr(self, "_shared_writer", None) is None:
+                self._shared_writer = shared_weights.SharedWeightsWriter()
+            return [self._shared_writer.write(state)]
         buckets: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, tensor in state.items():

@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import torch
 
+from swiftray.actors import shared_weights
 from swiftray.actors.group import DistributedWorker
 from swiftray.experience import RolloutBatch
 from swiftray.models.generation import HFEngine, SamplingParams
@@ -58,11 +59,17 @@ class RolloutActor(DistributedWorker):
         batch.timings["generate_s"] = time.time() - start
         return batch
 
-    def update_weights(self, version: int, bucket_refs: list[ray.ObjectRef]) -> int:
-        """Load the policy's weights, bucket by bucket as they arrive; returns the tensors loaded."""
+    def update_weights(self, version: int, bucket_refs: list[ray.ObjectRef] | list[dict]) -> int:
+        """Load the policy's weights, bucket by bucket as they arrive (or from its shared-memory
+        buffer, given its handle); returns the tensors loaded."""
         loaded = 0
         for ref in bucket_refs:
-            bucket = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+            if shared_weights.is_handle(ref):  # the policy's shared-memory buffer (same node)
+                if getattr(self, "_shared_reader", None) is None:
+                    self._shared_reader = shared_weights.SharedWeightsReader()
+                bucket = self._shared_reader.read(ref)
+            else:
+                bucket = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
             self.engine.load_weights(bucket)
             loaded += len(bucket)
         self.version = version

@@ -58,6 +58,7 @@ class Roles:
 
     def __init__(self, args: Any, algorithm: Any, total_optimizer_steps: int):
         self.policy = self.rollout = self.reward = self.reference = None
+        self.shared_sync = False
         try:
             self._start(args, algorithm, total_optimizer_steps)
         except BaseException:
@@ -103,6 +104,12 @@ class Roles:
                     errors.append(err)
         if errors:
             raise errors[0]
+        # Weights go through the policy's shared-memory buffer when every rollout shares its node.
+        nodes = ray.get([a.node_id.remote() for a in self.policy.actors[:1] + self.rollout.actors])
+        self.shared_sync = len(set(nodes)) == 1
+        shares = thread_shares(args.async_generate, args.world_size, len(self.rollout.actors))
+        ray.get([actor.use_cores.remote(shares[name]) for name in ("policy", "rollout", "reference")
+                 if getattr(self, name) is not None for actor in getattr(self, name).actors])
 
     def generate_scored(self, prompt_shards: list[Any], params: SamplingParams, seed: int) -> list[ray.ObjectRef]:
         """Rollouts with rewards attached, one ref per busy rollout worker; nothing waits here."""
@@ -136,7 +143,8 @@ class Roles:
     def sync_weights(self, version: int, bucket_bytes: int = SYNC_BUCKET_BYTES) -> float:
         """Policy -> rollout through the object store; returns seconds taken."""
         start = time.time()
-        buckets = ray.get(self.policy.call_all("export_weights", bucket_bytes))[0]
+        buckets = ray.get(self.policy.call_all("export_weights", bucket_bytes,
+                                               shared_memory=self.shared_sync))[0]
         ray.get(self.rollout.call_all("update_weights", version, buckets))
         return time.time() - start
 
@@ -144,6 +152,18 @@ class Roles:
         for group in (self.policy, self.rollout, self.reward, self.reference):
             if group is not None:
                 group.shutdown()
+
+
+def thread_shares(async_generate: bool, world_size: int, rollout_workers: int = 1) -> dict[str, float]:
+    """Share of a node's cores each role's torch threads use on CPU.
+
+    Synchronous steps run generation, the reference forward and training one after the other, so
+    each takes every core in its turn. With --async_generate, generation runs beside the reference
+    forward and training: it gets half the cores, they the other half (measured in benchmarks/).
+    """
+    if not async_generate:
+        return {"policy": 1.0 / world_size, "rollout": 1.0 / rollout_workers, "reference": 1.0}
+    return {"policy": 0.5 / world_size, "rollout": 0.5 / rollout_workers, "reference": 0.5}
 
 
 def shard_prompts(rows: list[dict[str, Any]], num_workers: int) -> list[list[dict[str, Any]]]:

@@ -1,0 +1,199 @@
+"""Shared pieces of the benchmarks: the model and data every contender uses, subprocess runs with
+peak-memory sampling, medians, and the machine's facts.
+
+Each contender runs in its own fresh Python process (`run_contender`), so that one's threads, caches
+and Ray cluster never leak into the next; the orchestrator samples the resident memory of that
+process and all its descendants (Ray's raylet, GCS and actors included) while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+WORK = BENCH_DIR / "work"
+PYTHON = sys.executable
+
+# The benchmark model: Qwen3-shaped, about 26M parameters (hidden 512, 8 layers).
+MODEL_SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
+                   intermediate_size=1536)
+DATA_SEED = 1234
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def thread_env(threads: int, wait_policy: str) -> dict[str, str]:
+    """The environment every contender process starts with: same threads, same OpenMP waiting."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY=wait_policy,
+               TOKENIZERS_PARALLELISM="false", SWIFTRAY_NO_PROGRESS="1", PYTHONPATH=str(REPO),
+               TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               WANDB_DISABLED="true", RAY_DEDUP_LOGS="0", TQDM_DISABLE="1")
+    env.pop("RAY_ADDRESS", None)  # every swiftray contender starts its own local cluster
+    return env
+
+
+def _tree_rss(proc: Any) -> tuple[int, int]:
+    """(sum of RSS over the process tree, largest single-process RSS) in bytes."""
+    import psutil
+
+    total = largest = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0, 0
+    for p in procs:
+        try:
+            rss = p.memory_info().rss
+        except psutil.Error:
+            continue
+        total += rss
+        largest = max(largest, rss)
+    return total, largest
+
+
+def run_contender(args: list[str], *, env: dict[str, str], timeout: float, log_path: Path,
+                  python: str = PYTHON) -> dict[str, Any]:
+    """Run `python args...` which prints one JSON line starting with 'RESULT '; add peak memory to it."""
+    import psutil
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    peak = {"tree": 0, "process": 0}
+    load_before = os.getloadavg()[0]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([python, *args], stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO, text=True)
+        ps = psutil.Process(proc.pid)
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                total, largest = _tree_rss(ps)
+                peak["tree"] = max(peak["tree"], total)
+                peak["process"] = max(peak["process"], largest)
+                done.wait(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(ps)
+            out, _ = proc.communicate()
+            raise RuntimeError(f"{' '.join(args)} ran past {timeout}s; see {log_path}") from None
+        finally:
+            done.set()
+            sampler.join()
+            _kill_tree(ps)  # Ray leftovers, if the contender died without shutting down
+        log.write(out)
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}); see {log_path}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["load_average_1min"] = [load_before, os.getloadavg()[0]]  # other users' work skews every figure
+    result["peak_rss_tree_mb"] = peak["tree"] / 2**20
+    result["peak_rss_process_mb"] = peak["process"] / 2**20
+    return result
+
+
+def _kill_tree(proc: Any) -> None:
+    import psutil
+
+    try:
+        children = proc.children(recursive=True)
+    except psutil.Error:
+        children = []
+    for p in children:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def emit(result: dict[str, Any]) -> None:
+    """A contender's last word: one JSON line the orchestrator picks out of stdout."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def ensure_model(path: Path, **shape: Any) -> Path:
+    """The benchmark model (built once; same seed gives the same weights)."""
+    if not (path / "config.json").exists():
+        from swiftray.models.tiny import make_tiny_model
+
+        make_tiny_model(path, seed=0, **(shape or MODEL_SHAPE))
+    return path
+
+
+def ensure_arithmetic_data(path: Path, start: int, n: int) -> Path:
+    """Rows start..start+n of the built-in arithmetic train split in one fixed shuffled order, as JSONL.
+
+    Every contender reads such a file front to back without shuffling, so that they all see the same
+    batches (SFT) or prompts (GRPO) in the same order.
+    """
+    if not path.exists():
+        from swiftray.data.builtin import load_builtin
+
+        rows = load_builtin("swiftray/arithmetic")
+        random.Random(DATA_SEED).shuffle(rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            for row in rows[start:start + n]:
+                f.write(json.dumps({"messages": row["messages"], "solution": row["solution"]}) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def machine_facts() -> dict[str, Any]:
+    import torch
+
+    facts: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                             "cpu_count": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache",
+                               "L3 cache"):
+                facts[key.strip()] = value.strip()
+        flags = next((ln for ln in lscpu.splitlines() if ln.startswith("Flags")), "")
+        facts["avx512"] = "avx512f" in flags
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        facts["mem_total_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("transformers", "trl", "ray", "accelerate", "datasets", "ms-swift", "swiftray"):
+        try:
+            facts[name] = version(name)
+        except PackageNotFoundError:
+            facts[name] = None
+    facts["load_average_at_start"] = os.getloadavg()
+    return facts
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start

