@@ -52,15 +52,23 @@ def load(runs: dict[int, dict]) -> str:
 
 
 def load_warning(res: dict[str, Any]) -> str:
-    """A loud line when other work shared the cores: such figures are indicative, not final."""
+    """A loud line when other work shared the cores: such figures are indicative, not final.
+
+    The load is read just before each contender starts, so the previous contender's threads can still
+    count; up to cores + 1 is taken as quiet.
+    """
     loads = [r["load_average_1min"][0] for key in ("sft", "grpo") for r in res.get(key, [])
              if "load_average_1min" in r]
     cores = res.get("machine", {}).get("cpu_count") or 1
-    if not loads or max(loads) <= cores:
-        return "- Machine load: quiet (1-minute load average at most the core count during every run)"
-    return (f"- **Machine load: the 1-minute load average ranged {min(loads):.1f}-{max(loads):.1f} on {cores} cores "
-            "during the runs: other processes shared the cores, so absolute figures are inflated and even "
-            "paired ratios are noisy. Rerun `bash benchmarks/run.sh` on a quiet machine for final numbers.**")
+    if not loads:
+        return "- Machine load: not recorded"
+    line = (f"- Machine load (1-minute load average before each contender, {cores} cores): "
+            f"median {median(loads):.1f}, range {min(loads):.1f}-{max(loads):.1f}")
+    if max(loads) <= cores + 1:
+        return line + ": quiet"
+    return ("- **" + line.removeprefix("- ") + ": other processes shared the cores during some runs, so "
+            "absolute figures are inflated and paired ratios noisy; rerun `bash benchmarks/run.sh` on a "
+            "quiet machine for final numbers.**")
 
 
 # --- sections ---------------------------------------------------------------------------------------
@@ -203,6 +211,9 @@ def sync_section(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def write(res: dict[str, Any], md_path: Path, png_path: Path) -> None:
     m, o = res.get("machine", {}), res.get("options", {})
+    sections = dict(res.get("section_s", {}))
+    if "sft" in res and "sft" not in sections:  # a section kept from an earlier invocation: its runs' time
+        sections = {"sft": sum(r.get("wall_s", 0.0) for r in res["sft"]), **sections}
     parts = ["# Benchmarks: swiftray against TRL and transformers on one CPU machine", "",
              "Written by `bash benchmarks/run.sh` (raw numbers: `benchmarks/work/results.json`, logs in "
              "`benchmarks/work/logs/`). Chart: `results.png`.", ""]
@@ -228,8 +239,8 @@ def write(res: dict[str, Any], md_path: Path, png_path: Path) -> None:
               f"(1 prompt x num_generations 8), 64 new tokens, temperature 1, beta 0.04, loss_type grpo, lr "
               f"{o.get('grpo_lr')} constant; rewards accuracy + format; K = {o.get('grpo_steps')} steps, "
               f"{o.get('grpo_repeats')} repeats; s/step = (end of step K - end of step 1) / (K - 1)",
-              f"- Total benchmark time: {res.get('total_s', 0) / 60:.1f} min ("
-              + ", ".join(f"{k} {v / 60:.1f}" for k, v in res.get("section_s", {}).items()) + ")",
+              f"- Benchmark time: {sum(sections.values()) / 60:.1f} min ("
+              + ", ".join(f"{k} {v / 60:.1f}" for k, v in sections.items()) + "; min)",
               load_warning(res), ""]
     summary: dict[str, Any] = {}
     if "sft" in res:
