@@ -73,7 +73,9 @@ def select(batch: RolloutBatch, keep: list[int]) -> RolloutBatch:
 
 def sequences_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
                     loss_on: list[bool] | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+completion rows; labels are the completion tokens (-100 elsewhere).
+    """Right-padded prompt+completion rows; labels are the completion tokens (-100 elsewhere);
+    `prompt_lens` [B] lets the forward compute a prompt shared by several rows once
+    (models/prompt_sharing.py).
 
     `loss_on[i] = False` masks a whole completion (e.g. an overlong one) out of the loss.
     """
@@ -87,7 +89,8 @@ def sequences_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]]
         attention[i, :len(p) + len(c)] = 1
         if loss_on is None or loss_on[i]:
             labels[i, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+            "prompt_lens": torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)}
 
 
 def completion_logprobs_to_tokens(values: list[list[float]], prompt_lens: list[int], width: int) -> torch.Tensor:

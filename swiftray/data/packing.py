@@ -149,6 +149,9 @@ def block_causal_mask(segment: torch.Tensor, *, as_float: bool = False) -> torch
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     same = segment[:, :, None] == segment[:, None, :]
     allowed = (same & causal)[:, None]
-    if not as_float:
-        return allowed
+    return allowed_to_float(allowed) if as_float else allowed
+
+
+def allowed_to_float(allowed: torch.Tensor) -> torch.Tensor:
+    """A bool mask (True = attend) in eager attention's additive form: 0 or the float32 minimum."""
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from swiftray.experience import sequences_batch, tokens_to_completion_values
+from swiftray.models.prompt_sharing import shared_forward
 
 
 @torch.no_grad()
@@ -14,13 +15,16 @@ def completion_logprobs(model: Any, prompt_ids: list[list[int]], completion_ids:
                         pad_token_id: int, batch_size: int = 16) -> list[list[float]]:
     """log p(completion token | prefix) for each completion token, as Python lists."""
     device = next(model.parameters()).device
+    num_params = sum(p.numel() for p in model.parameters())
     out: list[list[float]] = []
     for start in range(0, len(prompt_ids), batch_size):
         p, c = prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]
-        batch = sequences_batch(p, c, pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
-        targets = batch["input_ids"][:, 1:].to(device)
+        batch = {k: v.to(device) for k, v in sequences_batch(p, c, pad_token_id).items()}
+        logits = shared_forward(lambda inputs: model(**inputs).logits, batch, model, num_params)
+        if logits is None:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].float()
+        targets = batch["input_ids"][:, 1:]
         token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
         out += tokens_to_completion_values(token_lp, [len(x) for x in p], [len(x) for x in c])
     return out
