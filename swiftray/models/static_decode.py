@@ -79,10 +79,14 @@ class StaticCacheDecoder:
         caches = [(torch.zeros(rows, self.num_kv_heads, size, self.head_dim, dtype=dtype, device=device),
                    torch.zeros(rows, self.num_kv_heads, size, self.head_dim, dtype=dtype, device=device))
                   for _ in inner.layers]
+        # Rotary cos/sin for every position this call can reach, computed once (not per step).
+        table = torch.arange(size, device=device)[None]
+        rotary = [t[0] for t in inner.rotary_emb(inner.embed_tokens.weight[:1, None], table)]
         # Prefill the distinct prompts once; pad queries attend to themselves only (a row with no key gives NaN).
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         mask = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
-        hidden = self._layers(inner.embed_tokens(ids), positions, mask[:, None], caches, 0, expand=n)
+        hidden = self._layers(inner.embed_tokens(ids), [t[positions] for t in rotary], mask[:, None], caches, 0,
+                              expand=n)
         logits = self._linear(_rms_norm(inner.norm, hidden[:, -1]), self.model.lm_head).repeat_interleave(n, 0)
 
         key_valid = torch.zeros(rows, size, dtype=torch.bool, device=device)
@@ -112,21 +116,21 @@ class StaticCacheDecoder:
                 stopped = stopped[keep]
             slot = width + step
             key_valid[:, slot] = True
-            hidden = self._layers(inner.embed_tokens(tokens[:, None]), next_pos[:, None],
+            hidden = self._layers(inner.embed_tokens(tokens[:, None]), [t[next_pos][:, None] for t in rotary],
                                   key_valid[:, None, None, :slot + 1], caches, slot)
             logits = self._linear(_rms_norm(inner.norm, hidden[:, -1]), self.model.lm_head)
             next_pos = next_pos + 1
         return list(zip(out, finish))
 
-    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    def _layers(self, hidden: torch.Tensor, rotary: list[torch.Tensor], mask: torch.Tensor,
                 caches: list[tuple[torch.Tensor, torch.Tensor]], slot: int, expand: int = 1) -> torch.Tensor:
-        """Run every decoder layer on `hidden` [B, T, H] whose tokens go to cache slots slot..slot+T-1.
+        """Run every decoder layer on `hidden` [B, T, H] whose tokens go to cache slots slot..slot+T-1;
+        rotary: the tokens' cos and sin [B, T, D].
 
         expand > 1 (prefill): batch row i fills cache rows i*expand..(i+1)*expand-1.
         """
         inner = self.model.model
-        cos, sin = inner.rotary_emb(hidden, positions)
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = rotary[0][:, None], rotary[1][:, None]
         batch, length, _ = hidden.shape
         end = slot + length
         for layer, (k_cache, v_cache) in zip(inner.layers, caches):
