@@ -8,10 +8,15 @@ RolloutActor (hf engine) load it; one sync is what `swiftray rlhf` does after ev
     refs = policy.export_weights(bucket_bytes)   # rank 0 cuts its state into buckets, ray.put each
     rollout.update_weights(version, refs)        # the rollout gets them and copies them into its model
 
-timed for both transports: the object store, and the policy's shared-memory buffer
-(`export_weights(shared_memory=True)`, what `swiftray rlhf` uses when all roles share a node).
+timed for both transports: the object store, and the policy's shared-memory buffers
+(`export_weights(shared_memory=True)`, what `swiftray rlhf` uses when all roles share a node). The
+shared-memory sync is one copy: the policy copies its weights into one of two /dev/shm buffers (in
+turn, both pre-faulted), and the rollout's hf engine makes its parameters views of that buffer instead
+of copying them out (`HFEngine.load_weights(share=True)`; see swiftray/actors/shared_weights.py).
+With --repeats 3 or more, both buffers are written again after the warm-up sync.
 
-The baseline is `dst.copy_(src)` for every tensor of the same state dict, in one process.
+The baseline is `dst.copy_(src)` for every tensor of the same state dict, in one process: the least
+a one-copy sync can cost, so sync / copy speed is at most 1 (less the two actor calls' overhead).
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ def measure(model_dir: str, repeats: int, threads: int) -> dict[str, Any]:
         ray.get(rollout.call_all("setup", {"model_dir": model_dir, "engine": "hf"}))
         out: dict[str, Any] = {}
         # object_store: ray.put of 64 MiB buckets (swiftray's path across nodes, and its only path
-        # before this benchmark); shared_memory: the policy's /dev/shm buffer (same node).
+        # before this benchmark); shared_memory: the policy's /dev/shm buffers (same node).
         for transport in ("object_store", "shared_memory"):
             sync_s, export_s, sent_bytes = [], [], 0
             for version in range(repeats + 1):  # the first sync warms up both sides

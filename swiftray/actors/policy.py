@@ -332,9 +332,12 @@ class PolicyActor(DistributedWorker):
         """Full weights for rollout engines: rank 0 returns ObjectRefs of dict[name, CPU tensor]
         buckets of about bucket_bytes each (other ranks return []).
 
-        shared_memory=True (rollouts on this node): rank 0 instead copies the weights into its
-        shared-memory buffer and returns [handle] (see shared_weights.py); RolloutActor.update_weights
-        takes either form.
+        shared_memory=True (rollouts on this node): rank 0 instead copies the weights into one of its
+        two shared-memory buffers (alternately) and returns [handle] (see shared_weights.py);
+        RolloutActor.update_weights takes either form. Its hf engine keeps using the buffer after the
+        call, so the caller must not export again before every rollout has loaded this export (the
+        driver's sync_weights waits for all of them). Without room for the buffers in /dev/shm, it
+        falls back to the object store.
 
         Names are the plain model's. For LoRA/DoRA the adapter is merged into the base
         weights (merge_lora=True, what an engine without PEFT loads); merge_lora=False gives
@@ -350,10 +353,17 @@ class PolicyActor(DistributedWorker):
                 from peft import get_peft_model_state_dict
 
                 state = get_peft_model_state_dict(self.backend.module, state_dict=state)
-        if shared_memory and shared_weights.available():
+        if shared_memory and shared_weights.available() and getattr(self, "_shared_writer", None) is not False:
             if getattr(self, "_shared_writer", None) is None:
                 self._shared_writer = shared_weights.SharedWeightsWriter()
-            return [self._shared_writer.write(state)]
+            try:
+                return [self._shared_writer.write(state)]
+            except MemoryError as err:
+                import logging
+
+                logging.getLogger("swiftray").warning("%s; syncing weights through the object store", err)
+                self._shared_writer.close()
+                self._shared_writer = False
         buckets: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, tensor in state.items():

@@ -61,16 +61,24 @@ class RolloutActor(DistributedWorker):
 
     def update_weights(self, version: int, bucket_refs: list[ray.ObjectRef] | list[dict]) -> int:
         """Load the policy's weights, bucket by bucket as they arrive (or from its shared-memory
-        buffer, given its handle); returns the tensors loaded."""
+        buffer, given its handle: the hf engine's parameters then alias the buffer); returns the
+        tensors loaded."""
         loaded = 0
         for ref in bucket_refs:
-            if shared_weights.is_handle(ref):  # the policy's shared-memory buffer (same node)
+            shared = shared_weights.is_handle(ref)
+            if shared:  # the policy's shared-memory buffer (same node)
                 if getattr(self, "_shared_reader", None) is None:
                     self._shared_reader = shared_weights.SharedWeightsReader()
                 bucket = self._shared_reader.read(ref)
             else:
                 bucket = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-            self.engine.load_weights(bucket)
+            if shared and isinstance(self.engine, HFEngine):
+                # One copy in all: the model's parameters become views of the buffer. Safe because the
+                # policy writes this buffer again only two syncs later, and the driver starts that
+                # export only after every rollout has loaded the next one (shared_weights.py).
+                self.engine.load_weights(bucket, share=True)
+            else:  # object-store tensors are views of Ray's store, which frees them; vLLM copies anyway
+                self.engine.load_weights(bucket)
             loaded += len(bucket)
         self.version = version
         return loaded

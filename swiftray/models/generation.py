@@ -112,15 +112,36 @@ class HFEngine:
     # -- the rest of the engine interface (weight sync, scoring, memory)
 
     @torch.no_grad()
-    def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
-        """Copy policy tensors into the model in place (names as in the model's state_dict)."""
-        # state_dict(keep_vars) also names tied weights (lm_head.weight), which named_parameters hides.
+    def load_weights(self, named_tensors: dict[str, torch.Tensor], share: bool = False) -> None:
+        """Load policy tensors into the model (names as in the model's state_dict).
+
+        Copied in place by default. share=True (the tensors are views of the policy's shared-memory
+        buffer, shared_weights.py): a CPU tensor of the parameter's dtype and shape becomes the
+        parameter's storage, no copy; the caller guarantees nobody writes that memory while the model
+        uses it. Anything else is copied, into memory of the model's own.
+        """
+        # state_dict(keep_vars) also names tied weights (lm_head.weight), which named_parameters hides;
+        # they are the same Parameter object, so sharing or copying it twice is harmless.
         params = self.model.state_dict(keep_vars=True)
         unknown = [n for n in named_tensors if n not in params]
         if unknown:
             raise KeyError(f"weight sync: {len(unknown)} tensor(s) the rollout model lacks, e.g. {unknown[:3]}")
+        aliased = self.__dict__.setdefault("_aliased", set())  # ids of parameters that are views of a buffer
         for name, tensor in named_tensors.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            param = params[name]
+            if (share and tensor.device.type == "cpu" and param.device.type == "cpu"
+                    and tensor.dtype == param.dtype and tensor.shape == param.shape):
+                param.data = tensor
+                # .data= keeps the parameter's version counter, and buffer k's views have the same
+                # data_ptr at sync k + 2: bump it, so that whatever caches a weight by (data_ptr,
+                # _version) (static_decode's prepacked weights) sees the change, as it sees a copy_.
+                torch.autograd.graph.increment_version(param)
+                aliased.add(id(param))
+                continue
+            if id(param) in aliased:  # never write into the policy's buffer: take memory of our own again
+                param.data = torch.empty_like(param)
+                aliased.discard(id(param))
+            param.copy_(tensor.to(param.device, param.dtype))
 
     def completion_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         from swiftray.models.logprobs import completion_logprobs

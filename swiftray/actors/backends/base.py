@@ -89,7 +89,17 @@ class Backend:
 
     # --- state ---------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the unsharded weights on CPU, keyed like `module.state_dict()`, on rank 0 ({} elsewhere)."""
+        """Collective: the unsharded weights on CPU, keyed like `module.state_dict()`, on rank 0 ({} elsewhere).
+
+        The tensors may be the live weights themselves (not copies): read them, do not keep them.
+        """
+        from torch.distributed.tensor import DTensor
+
+        if self.device.type == "cpu" and not any(isinstance(p, DTensor) for p in self.model.parameters()):
+            # Every weight is whole and on CPU (DDP on CPU): that is the module's own state dict.
+            # get_model_state_dict returns the same tensors (no copy) but spent 9-13 ms on bookkeeping
+            # for the 91-tensor 26M benchmark model, about as long as the weight sync's one copy of them.
+            return self.module.state_dict() if dist.get_rank() == 0 else {}
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if dist.get_rank() == 0 else {}
 
