@@ -67,9 +67,36 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
+def make_group_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """GRPO-shaped batches: rows 2k and 2k+1 share a prompt (with `prompt_lens`, so the policy may
+    compute it once), labels on the completions only, completions of random lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(STEPS):
+        prompts = [torch.randint(0, VOCAB, (int(torch.randint(7, 10, (1,), generator=gen)),), generator=gen)
+                   for _ in range(SEQS // 2)]
+        rows = [(prompts[i // 2], torch.randint(0, VOCAB, (int(torch.randint(2, 7, (1,), generator=gen)),),
+                                                 generator=gen)) for i in range(SEQS)]
+        ids = torch.zeros((SEQS, SEQ_LEN), dtype=torch.long)
+        labels = torch.full((SEQS, SEQ_LEN), -100)
+        attention = torch.zeros((SEQS, SEQ_LEN), dtype=torch.long)
+        for i, (prompt, completion) in enumerate(rows):
+            n = len(prompt) + len(completion)
+            ids[i, :n] = torch.cat([prompt, completion])
+            labels[i, len(prompt):n] = completion
+            attention[i, :n] = 1
+        batches.append({"input_ids": ids, "attention_mask": attention, "labels": labels,
+                        "prompt_lens": torch.tensor([len(p) for p, _ in rows])})
+    return batches
+
+
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    """The 1-process loop written out: losses, grad norms, and weights after SAVE_AFTER steps."""
+    return reference_run(model_dir, make_batches())
+
+
+def reference_run(model_dir: str, batches: list[dict[str, torch.Tensor]]) -> dict:
+    """The 1-process loop written out (padded rows): losses, grad norms, and weights after SAVE_AFTER steps."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -86,7 +113,7 @@ def reference(model_dir):
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (STEPS - warmup)))
 
     out = {"loss": [], "grad_norm": [], "logprobs0": None}
-    for step, batch in enumerate(make_batches()):
+    for step, batch in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = TRAIN["learning_rate"] * lr_at(step)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -122,11 +149,12 @@ def single(ray_cluster):  # noqa: F811
     group.shutdown()
 
 
-def run_steps(group: ActorGroup, steps: range, micro_per_rank: int = 1) -> list[dict]:
+def run_steps(group: ActorGroup, steps: range, micro_per_rank: int = 1, batches: list | None = None) -> list[dict]:
     """Train `steps` of make_batches(), each global batch split evenly over ranks and micro-batches."""
     loss_fn, metrics = CrossEntropyLoss(), []
+    batches = batches or make_batches()
     for step in steps:
-        shards = split(make_batches()[step], group.num_workers * micro_per_rank)
+        shards = split(batches[step], group.num_workers * micro_per_rank)
         per_rank = [[ray.put(m) for m in shards[r * micro_per_rank:(r + 1) * micro_per_rank]]
                     for r in range(group.num_workers)]
         results = ray.get(group.call_all_ranked("train_step", per_rank, loss_fn))
@@ -182,6 +210,28 @@ def test_two_ranks_match_reference_and_resume_exactly(pair, model_dir, reference
     resumed = run_steps(pair, range(SAVE_AFTER, STEPS), micro)
     assert [m["loss"] for m in resumed] == [m["loss"] for m in rest]
     assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in rest]
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero3"])
+def test_shared_prompts_train_like_padded_rows(pair, model_dir, name):
+    """Rows sharing a prompt go through models/prompt_sharing.py in the policy; the losses and grad
+    norms must still be the padded 1-process loop's."""
+    from transformers import AutoModelForCausalLM
+
+    from swiftray.models.prompt_sharing import shared_forward
+
+    batches = make_group_batches()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    num_params = sum(p.numel() for p in model.parameters())
+    half = {k: v[:SEQS // 2] for k, v in batches[0].items()}  # what one rank gets: one prompt, 2 completions
+    assert shared_forward(lambda x: model(**x).logits, half, model, num_params) is not None, "sharing not used"
+
+    backend, _ = BACKENDS[name]
+    pair.get_all("setup", {"model_dir": model_dir, **TRAIN, **backend})
+    metrics = run_steps(pair, range(STEPS), 1, batches)
+    want = reference_run(model_dir, batches)
+    torch.testing.assert_close([m["loss"] for m in metrics], want["loss"], rtol=1e-4, atol=0)
+    torch.testing.assert_close([m["grad_norm"] for m in metrics], want["grad_norm"], rtol=1e-4, atol=0)
 
 
 def test_token_logprobs_and_accuracy_match_float64_formula():

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from swiftray.actors import shared_weights
 from swiftray.actors.backends import BACKENDS, adamw_factory, make_backend
 from swiftray.actors.group import DistributedWorker
+from swiftray.models import prompt_sharing
 from swiftray.models.loader import load_model, peft_to_base_state_dict
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -163,7 +164,8 @@ class PolicyActor(DistributedWorker):
             target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save,
             use_liger_kernel=cfg.use_liger_kernel, seed=cfg.seed,
         )
-        counts = {"num_params": sum(p.numel() for p in module.parameters()),
+        self.num_params = sum(p.numel() for p in module.parameters())
+        counts = {"num_params": self.num_params,
                   "num_trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
         make_optimizer = adamw_factory(cfg.learning_rate, cfg.weight_decay, cfg.adam_betas, cfg.adam_epsilon)
         self.backend = make_backend(cfg.backend, module, make_optimizer, max_grad_norm=cfg.max_grad_norm,
@@ -260,7 +262,9 @@ class PolicyActor(DistributedWorker):
         if labels.shape != batch["input_ids"].shape:
             raise ValueError(f"PolicyActor: labels shape {tuple(labels.shape)} != input_ids shape "
                              f"{tuple(batch['input_ids'].shape)}")
-        logits = self.backend.forward({k: batch[k] for k in MODEL_INPUTS if k in batch})
+        logits = prompt_sharing.shared_forward(self.backend.forward, batch, self.backend.module, self.num_params)
+        if logits is None:
+            logits = self.backend.forward({k: batch[k] for k in MODEL_INPUTS if k in batch})
         logprobs, mask, correct = token_logprobs(logits, labels)
         if with_entropy:
             batch["entropies"] = token_entropy(logits, mask)

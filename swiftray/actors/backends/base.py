@@ -30,7 +30,11 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 
 def adamw_factory(lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> OptimizerFactory:
-    """torch AdamW over trainable params; biases and norm weights (ndim < 2) get no weight decay."""
+    """torch AdamW over trainable params; biases and norm weights (ndim < 2) get no weight decay.
+
+    fused=True (one kernel over all tensors): 18 ms against 62 ms a step for 26M parameters on a
+    2-core CPU (benchmarks/findings.md); transformers' Trainer uses it too.
+    """
 
     def make(module: torch.nn.Module) -> torch.optim.Optimizer:
         trainable = [p for p in module.parameters() if p.requires_grad]
@@ -38,7 +42,7 @@ def adamw_factory(lr: float, weight_decay: float, betas: tuple[float, float], ep
             {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
 
     return make
 
