@@ -74,13 +74,18 @@ class Bench:
     # --- 1. SFT ---------------------------------------------------------------------------------
     def sft(self) -> None:
         o = self.opts
-        configs = [("swiftray", 1), ("trl", 1), ("swiftray", 0), ("trl", 0), ("hf", 0)]
+        # fp32 (the setting), then each contender's bf16: TRL / Trainer both ways (bf16 weights,
+        # and fp32 weights under autocast, what bf16=True does with an fp32 model), swiftray with bf16 weights.
+        configs = [("swiftray", 1, "fp32"), ("trl", 1, "fp32"), ("swiftray", 0, "fp32"), ("trl", 0, "fp32"),
+                   ("hf", 0, "fp32"), ("swiftray", 1, "bf16"), ("trl", 0, "bf16_autocast"), ("swiftray", 0, "bf16"),
+                   ("trl", 0, "bf16")]
         runs = []
         for rep in range(o.sft_repeats):
-            for contender, packing in rotated(configs, rep):
-                tag = f"sft_{contender}_p{packing}_r{rep}"
+            for contender, packing, precision in rotated(configs, rep):
+                tag = f"sft_{contender}_p{packing}_{precision}_r{rep}"
                 runs.append(self.run(tag, "sft_bench.py", [
-                    "--contender", contender, "--packing", str(packing), "--model", self.model,
+                    "--contender", contender, "--packing", str(packing), "--precision", precision,
+                    "--model", self.model,
                     "--data", str(self.sft_data), "--out", str(WORK / "runs" / tag), "--steps", str(o.sft_steps),
                     "--threads", str(o.threads), "--workers", str(o.sft_workers)]))
         self.results["sft"] = runs
@@ -147,6 +152,10 @@ class Bench:
         common = ["--model", model, "--data", str(self.grpo_data), "--repeats", str(o.gen_repeats),
                   "--threads", str(o.threads)]
         self.results["generation"] = self.run("generation", "gen_bench.py", ["--engines", "generate", "hf", *common])
+        if o.threads > 1:  # decoding few rows can run faster on one thread: each engine is judged at its best
+            one = [*common[:-1], "1"]
+            self.results["generation_1thread"] = self.run("generation_1thread", "gen_bench.py",
+                                                          ["--engines", "generate", "hf", *one])
         vllm_python = REPO / ".venv-vllm" / "bin" / "python"
         if o.vllm and vllm_python.exists():
             from benchmarks.harness import run_contender as _run

