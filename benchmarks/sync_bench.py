@@ -5,8 +5,8 @@
 For each (randomly initialised) model: a PolicyActor (rank 0 of a one-worker group) and a
 RolloutActor (hf engine) load it; one sync is what `swiftray rlhf` does after every step:
 
-    refs = policy.export_weights(bucket_bytes)   # rank 0 cuts its state into buckets, ray.put each
-    rollout.update_weights(version, refs)        # the rollout gets them and copies them into its model
+    export = policy.export_weights.remote(bucket_bytes)   # rank 0 cuts its state into buckets, ray.put each
+    rollout.update_weights.remote(version, export)        # Ray hands it the export's result; it loads it
 
 timed for both transports: the object store, and the policy's shared-memory buffers
 (`export_weights(shared_memory=True)`, what `swiftray rlhf` uses when all roles share a node). The
@@ -87,11 +87,14 @@ def measure(model_dir: str, repeats: int, threads: int) -> dict[str, Any]:
             sync_s, export_s, sent_bytes = [], [], 0
             for version in range(repeats + 1):  # the first sync warms up both sides
                 start = time.perf_counter()
-                buckets = ray.get(policy.call_all("export_weights", BUCKET_BYTES,
-                                                  shared_memory=transport == "shared_memory"))[0]
+                export = policy.call_all("export_weights", BUCKET_BYTES,
+                                         shared_memory=transport == "shared_memory")[0]
+                update = rollout.call_all("update_weights", version, export)  # as Roles.sync_weights does
+                ray.wait([export])
                 exported = time.perf_counter()
-                ray.get(rollout.call_all("update_weights", version, buckets))
+                ray.get(update)
                 end = time.perf_counter()
+                buckets = ray.get(export)
                 if version:
                     sync_s.append(end - start)
                     export_s.append(exported - start)

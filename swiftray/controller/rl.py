@@ -141,11 +141,13 @@ class Roles:
         return out
 
     def sync_weights(self, version: int, bucket_bytes: int = SYNC_BUCKET_BYTES) -> float:
-        """Policy -> rollout through the object store; returns seconds taken."""
+        """Policy -> rollouts (a shared-memory buffer on one node, else the object store); returns
+        seconds taken. Returns only once every rollout has loaded the weights: the next export
+        may reuse the buffer a rollout read before (shared_weights.py)."""
         start = time.time()
-        buckets = ray.get(self.policy.call_all("export_weights", bucket_bytes,
-                                               shared_memory=self.shared_sync))[0]
-        ray.get(self.rollout.call_all("update_weights", version, buckets))
+        exports = self.policy.call_all("export_weights", bucket_bytes, shared_memory=self.shared_sync)
+        # Rank 0's export goes to the rollouts as a reference (Ray resolves it there): no driver round trip.
+        ray.get(self.rollout.call_all("update_weights", version, exports[0]) + exports[1:])
         return time.time() - start
 
     def shutdown(self) -> None:
