@@ -62,8 +62,10 @@ def run_swiftray(opts: argparse.Namespace, async_generate: bool) -> dict[str, An
 
     if opts.before:
         # swiftray as it was before this benchmark's fixes: one thread per role, model.generate in the
-        # rollout, weight sync through the object store.
+        # rollout, weight sync through the object store, every completion's prompt computed again
+        # (fused AdamW stays).
         os.environ["SWIFTRAY_STATIC_DECODE"] = "0"  # inherited by the actors Ray starts
+        os.environ["SWIFTRAY_SHARE_PROMPTS"] = "0"
         rl.thread_shares = lambda *a, **k: {"policy": 0.5, "rollout": 0.5, "reference": 0.5}
         start_roles = rl.Roles._start
 
