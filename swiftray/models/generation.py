@@ -45,6 +45,7 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         use_static = os.environ.get("SWIFTRAY_STATIC_DECODE", "1") != "0" and static_decode.supports(model)
         self.static = static_decode.StaticCacheDecoder(model) if use_static else None
+        self.aliased: set[int] = set()  # ids of parameters that are views of a shared weight buffer
 
     def stop_ids(self, params: SamplingParams) -> list[int]:
         ids = list(params.stop_token_ids)
@@ -126,7 +127,7 @@ class HFEngine:
         unknown = [n for n in named_tensors if n not in params]
         if unknown:
             raise KeyError(f"weight sync: {len(unknown)} tensor(s) the rollout model lacks, e.g. {unknown[:3]}")
-        aliased = self.__dict__.setdefault("_aliased", set())  # ids of parameters that are views of a buffer
+        aliased = self.aliased
         for name, tensor in named_tensors.items():
             param = params[name]
             if (share and tensor.device.type == "cpu" and param.device.type == "cpu"
