@@ -35,6 +35,7 @@ from swiftray.actors import shared_weights
 from swiftray.actors.backends import BACKENDS, adamw_factory, make_backend
 from swiftray.actors.group import DistributedWorker
 from swiftray.models import prompt_sharing
+from swiftray.models.label_logits import logits_at
 from swiftray.models.loader import load_model, peft_to_base_state_dict
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -113,27 +114,35 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int],
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of labels[:, 1:] under logits[:, :-1] (fp32), the loss mask, the #correct."""
-    logits = logits[:, :-1].float()
+    """Per-token log-probs of labels[:, 1:] (fp32, [B, T-1], zero off the loss mask), the mask, the #correct.
+
+    logits: [B, T, V] for every position, or [N, V] for the loss positions only, in order
+    (`label_logits.logits_at`).
+    """
     targets = labels[:, 1:]
     mask = targets != -100
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logprobs = torch.where(mask, picked - torch.logsumexp(logits, dim=-1), 0.0)
-    correct = ((logits.argmax(dim=-1) == targets) & mask).sum()
+    selected = (logits if logits.dim() == 2 else logits[:, :-1][mask]).float()
+    wanted = targets[mask]
+    values = selected.gather(-1, wanted.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(selected, dim=-1)
+    logprobs = values.new_zeros(mask.shape).masked_scatter(mask, values)
+    correct = (selected.argmax(dim=-1) == wanted).sum()
     return logprobs, mask, correct
 
 
 @torch.no_grad()
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Entropy of each next-token distribution, laid out like token_logprobs ([B, T-1], zero off the mask).
+def token_entropy(logits: torch.Tensor, mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Entropy of each next-token distribution at the loss positions, laid out like token_logprobs
+    ([B, T-1], zero off the mask); logits as token_logprobs takes them.
 
-    One row at a time, so that the float32 copy of the logits stays one sequence long.
+    `chunk` positions at a time, so that the float32 copy of the logits stays small.
     """
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    for b in range(logits.shape[0]):
-        logp = torch.log_softmax(logits[b, :-1].float(), dim=-1)
-        out[b] = -(logp.exp() * logp).sum(-1)
-    return out * mask
+    selected = logits if logits.dim() == 2 else logits[:, :-1][mask]
+    parts = []
+    for rows in selected.split(chunk):
+        logp = torch.log_softmax(rows.float(), dim=-1)
+        parts.append(-(logp.exp() * logp).sum(-1))
+    values = torch.cat(parts) if parts else torch.zeros(0, device=logits.device)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=logits.device).masked_scatter(mask, values)
 
 
 def _fetch(item: Any) -> Any:
@@ -263,8 +272,9 @@ class PolicyActor(DistributedWorker):
             raise ValueError(f"PolicyActor: labels shape {tuple(labels.shape)} != input_ids shape "
                              f"{tuple(batch['input_ids'].shape)}")
         logits = prompt_sharing.shared_forward(self.backend.forward, batch, self.backend.module, self.num_params)
-        if logits is None:
-            logits = self.backend.forward({k: batch[k] for k in MODEL_INPUTS if k in batch})
+        if logits is None:  # the head runs only where a label is: logits [N, V]
+            with logits_at(self.backend.module, labels[:, 1:] != -100):
+                logits = self.backend.forward({k: batch[k] for k in MODEL_INPUTS if k in batch})
         logprobs, mask, correct = token_logprobs(logits, labels)
         if with_entropy:
             batch["entropies"] = token_entropy(logits, mask)
