@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import math
 import os
 import random
@@ -373,8 +374,6 @@ class PolicyActor(DistributedWorker):
             try:
                 return [self._shared_writer.write(state)]
             except MemoryError as err:
-                import logging
-
                 logging.getLogger("swiftray").warning("%s; syncing weights through the object store", err)
                 self._shared_writer.close()
                 self._shared_writer = False

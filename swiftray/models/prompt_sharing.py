@@ -19,8 +19,9 @@ loss, its masks, per-token values) is unchanged.
 
 Tokens saved: (n - 1) x prompt length per group. Attention grows (one long row instead of n
 short ones), so `shared_forward` packs only when a FLOP estimate says the packed forward is
-cheaper (SWIFTRAY_SHARE_PROMPTS=0 turns it off). The mask is a dense [L, L] tensor, which sdpa and eager attention take but flash
-attention does not; models on flash attention keep the padded rows.
+cheaper (SWIFTRAY_SHARE_PROMPTS=0 turns it off). The mask is a dense [L, L] tensor, which sdpa
+and eager attention take but flash attention does not; models on flash attention keep the padded
+rows.
 """
 
 from __future__ import annotations
@@ -114,15 +115,18 @@ def shared_forward(forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], b
     attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
     if attn not in ("sdpa", "eager"):
         return None
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    packed = pack_shared_prompts(input_ids.cpu(), mask.cpu(), batch["prompt_lens"].tolist())
-    if packed is None or packed.input_ids.shape[1] > MAX_PACKED_TOKENS:
-        return None
+    input_ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
+    prompt_lens = batch["prompt_lens"].tolist()
+    # Decide from the packed length before building anything (the mask alone is L^2).
+    prompts = {tuple(row[:plen]) for row, plen in zip(input_ids.tolist(), prompt_lens)}
+    width = sum(len(p) for p in prompts) + int(mask.sum()) - sum(prompt_lens)
     linear, attention = model_flops(config, num_params)
     padded = forward_cost(input_ids.shape[0], input_ids.shape[1], linear, attention)
-    if forward_cost(1, packed.input_ids.shape[1], linear, attention) > MIN_SAVING * padded:
+    if (len(prompts) == len(prompt_lens) or width > MAX_PACKED_TOKENS
+            or forward_cost(1, width, linear, attention) > MIN_SAVING * padded):
         return None
-    device = input_ids.device
+    packed = pack_shared_prompts(input_ids, mask, prompt_lens)
+    device = batch["input_ids"].device
     attention_mask = packed.attention_mask if attn == "sdpa" else allowed_to_float(packed.attention_mask)
     logits = forward({"input_ids": packed.input_ids.to(device), "position_ids": packed.position_ids.to(device),
                       "attention_mask": attention_mask.to(device)})
