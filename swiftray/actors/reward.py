@@ -29,6 +29,8 @@ class RewardActor(DistributedWorker):
         extra = {"completion_ids": batch.completion_ids,
                  "completion_lengths": [len(c) for c in batch.completion_ids],
                  "prompt_ids": batch.prompt_ids, "truncated": batch.truncated}
+        if "messages" in batch.columns:  # TRL's name: the conversation each completion answers
+            extra["prompts"] = batch.columns["messages"]
         per_func, total = self.rewards.score(batch.completions, batch.columns, extra)
         return total, per_func
 
