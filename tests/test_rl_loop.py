@@ -177,6 +177,11 @@ def test_each_batch_is_trained_num_iterations_times_against_old_logprobs(main_ru
         assert line["train/iter1/clip_ratio/region_mean"] == 0.0
         assert line["train/iter2/clip_ratio/region_mean"] > 0.0
         assert line["train/iter1/loss"] != line["train/iter2/loss"]
+    # The reference is the starting policy: before the first update their KL is zero (up to rounding),
+    # after it the policy has moved away.
+    assert train[0]["train/iter1/kl"] < 1e-6
+    assert all(line["train/iter2/kl"] > 1e-4 for line in train)
+    assert all(line["train/iter1/kl"] > 1e-4 for line in train[1:])
 
 
 def test_metrics_and_completions_are_logged(main_run):
@@ -190,7 +195,7 @@ def test_metrics_and_completions_are_logged(main_run):
     for line in train:
         missing = [k for k in keys if k not in line]
         assert not missing, missing
-        assert line["train/kl"] >= 0 and 0 <= line["train/completions/clipped_ratio"] <= 1
+        assert 0 <= line["train/completions/clipped_ratio"] <= 1
         assert 0 < line["train/entropy/mean"] <= math.log(2000) + 1e-3  # at most log(vocab)
         assert 1 <= line["train/completions/mean_length"] <= line["train/completions/max_length"] <= 12
     rows = [json.loads(x) for x in (run_dir / "completions.jsonl").read_text().splitlines()]
@@ -370,5 +375,18 @@ def test_reference_grpo_command_runs_on_cpu(ray_cluster, tiny_model_dir, tmp_pat
     assert all(math.isfinite(line["train/loss"]) for line in train)
     for line in train:  # --overlong_filter: only completions that stopped on their own carry loss tokens
         assert (line["train/num_tokens"] == 0) == (line["train/completions/clipped_ratio"] == 1.0)
-    assert "train/rewards/accuracy/mean" in train[-1]
-    assert (run_dir / "completions.jsonl").is_file() and (run_dir / "checkpoint-2").is_dir()
+    # One iteration per batch is on-policy: the ratio is exactly 1, nothing clips.
+    assert all(line["train/clip_ratio/region_mean"] == 0.0 for line in train)
+    assert (run_dir / "checkpoint-2").is_dir()
+    # The logged reward is the accuracy reward of the logged completions against their rows' solutions.
+    from swiftray.rewards import build_reward_funcs
+
+    solution_of = {json.loads(r)["problem"]: json.loads(r)["solution"] for r in data.read_text().splitlines()}
+    rows = [json.loads(x) for x in (run_dir / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4 and {r["step"] for r in rows} == {1, 2}
+    per_func, _ = build_reward_funcs(["accuracy"]).score(
+        [r["completion"] for r in rows], {"solution": [solution_of[r["prompt"]] for r in rows]}, {})
+    assert [r["accuracy"] for r in rows] == per_func["accuracy"]
+    for line in train:
+        step_rewards = [r["reward"] for r in rows if r["step"] == line["step"]]
+        assert line["train/rewards/accuracy/mean"] == pytest.approx(sum(step_rewards) / len(step_rewards))

@@ -179,7 +179,7 @@ def iteration_metrics(per_iteration: list[dict[str, float]]) -> dict[str, float]
     out = {k: sum(m[k] for m in per_iteration) / len(per_iteration) for k in per_iteration[0]}
     if len(per_iteration) > 1:
         for i, m in enumerate(per_iteration, start=1):
-            for key in ("clip_ratio/region_mean", "loss"):
+            for key in ("clip_ratio/region_mean", "loss", "kl"):
                 if key in m:
                     out[f"iter{i}/{key}"] = m[key]
     return out
