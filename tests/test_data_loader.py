@@ -223,6 +223,9 @@ def test_not_strict_skips_bad_rows_and_logs_counts(tmp_path, caplog):
     assert "skipped 4 rows of" in caplog.text and "data.jsonl" in caplog.text
     assert "2 no assistant turn" in caplog.text and "1 empty content" in caplog.text
     assert "1 malformed JSON" in caplog.text
+    # Each skipped row is named by its file and line, and the warning says how to make it an error.
+    assert "data.jsonl line 3: malformed JSON" in caplog.text
+    assert "data.jsonl line 2" in caplog.text and "--strict true" in caplog.text
     with pytest.raises(DatasetFormatError, match="all rows"):
         load_datasets([jsonl(tmp_path, "none.jsonl", [{"query": "q"}])], strict=False)
 

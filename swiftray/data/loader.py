@@ -66,11 +66,11 @@ def parse_dataset_spec(spec: str) -> DatasetSpec:
 # --------------------------------------------------------------------------- reading sources
 
 
-def _check_json_file(path: str, strict: bool) -> tuple[str, list[int] | None, int]:
+def _check_json_file(path: str, strict: bool) -> tuple[str, list[int] | None, list[str]]:
     """Validate a .json/.jsonl file ourselves, since ``datasets``' parse errors name no line.
 
     Returns the file to load (a cleaned copy when bad lines were skipped), the 1-based line of
-    each row (None for a JSON list) and the number of malformed lines skipped.
+    each row (None for a JSON list) and where each skipped malformed line is.
     """
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
@@ -90,7 +90,7 @@ def _check_json_file(path: str, strict: bool) -> tuple[str, list[int] | None, in
                 )
         if not rows:
             raise DatasetFormatError(f"{path}: the file holds no rows", "empty file")
-        return path, None, 0
+        return path, None, []
 
     if path.endswith(".json") and len(text.strip().splitlines()) > 1:
         try:  # a pretty-printed single object would otherwise read as a malformed line 1
@@ -103,7 +103,7 @@ def _check_json_file(path: str, strict: bool) -> tuple[str, list[int] | None, in
                 "rows or one JSON object per line",
                 "malformed JSON",
             )
-    good_lines, kept, bad = [], [], 0
+    good_lines, kept, bad = [], [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -118,13 +118,13 @@ def _check_json_file(path: str, strict: bool) -> tuple[str, list[int] | None, in
                     f"{path} line {lineno}, field '<line>': {problem}; expected one JSON object per line",
                     "malformed JSON",
                 )
-            bad += 1
+            bad.append(f"{path} line {lineno}: {problem}")
             continue
         good_lines.append(lineno)
         kept.append(line)
     if not kept:
         raise DatasetFormatError(
-            f"{path}: the file holds no valid rows ({bad} malformed lines)", "empty file"
+            f"{path}: the file holds no valid rows ({len(bad)} malformed lines; first: {bad[0]})", "empty file"
         )
     if bad:
         clean = os.path.join(tempfile.mkdtemp(prefix="swiftray-data-"), "clean.jsonl")
@@ -158,7 +158,7 @@ def _load_saved(path: str, subsets: list[str] | None) -> datasets.Dataset:
 
 
 def _load_source(spec: DatasetSpec, strict: bool, model_name, model_author):
-    """-> (raw dataset, 1-based line per row or None, malformed lines skipped)."""
+    """-> (raw dataset, 1-based line per row or None, where each skipped malformed line is)."""
     path = spec.path
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
@@ -172,14 +172,14 @@ def _load_source(spec: DatasetSpec, strict: bool, model_name, model_author):
             if to_load != path:  # the cleaned copy lives on in datasets' cache; drop ours
                 shutil.rmtree(os.path.dirname(to_load), ignore_errors=True)
             return ds, lines, bad
-        return _load_file(path, _FILE_KINDS[ext], path), None, 0
+        return _load_file(path, _FILE_KINDS[ext], path), None, []
     if os.path.isdir(path):
         if not any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
             raise ValueError(f"{path}: a folder must be written by datasets' save_to_disk")
-        return _load_saved(path, spec.subsets), None, 0
+        return _load_saved(path, spec.subsets), None, []
     if is_builtin(path):
         rows = load_builtin(path, spec.subsets, model_name=model_name, model_author=model_author)
-        return datasets.Dataset.from_list(rows), None, 0
+        return datasets.Dataset.from_list(rows), None, []
     raise ValueError(
         f"dataset {path!r} not found: not a file, a save_to_disk folder, or a built-in "
         f"({', '.join(builtin_names())}); no hub is reachable, so use local files"
@@ -221,9 +221,12 @@ def _normalize_one(
     return out
 
 
-def _skip_summary(source: str, reasons: Counter) -> str:
+def _skip_summary(source: str, reasons: Counter, where: list[str]) -> str:
+    """How many rows were skipped and why, and where the first few are (file, line, field)."""
     detail = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
-    return f"skipped {sum(reasons.values())} rows of {source}: {detail}"
+    shown = "; ".join(where[:3]) + (f"; and {len(where) - 3} more" if len(where) > 3 else "")
+    return (f"skipped {sum(reasons.values())} rows of {source} ({detail}): {shown}. "
+            "Pass --strict true to stop at the first bad row instead")
 
 
 def _normalize(
@@ -231,7 +234,7 @@ def _normalize(
     *,
     source: str,
     lines: list[int] | None,
-    bad_lines: int,
+    bad_lines: list[str],
     strict: bool,
     allow_no_response: bool,
     required_columns: tuple[str, ...],
@@ -259,16 +262,17 @@ def _normalize(
         raise DatasetFormatError(mapped[bad[0]][_ERROR], reasons[bad[0]])
     skipped = Counter(reasons[i] for i in bad)
     if bad_lines:
-        skipped["malformed JSON"] += bad_lines
+        skipped["malformed JSON"] += len(bad_lines)
+    where = list(bad_lines) + [mapped[i][_ERROR] for i in bad[:3]]
     if bad:
         bad_set = set(bad)
         mapped = mapped.select([i for i in range(len(mapped)) if i not in bad_set])
     if skipped:
         if len(mapped) == 0:
             raise DatasetFormatError(
-                f"all rows of {source} are bad: {_skip_summary(source, skipped)}", "empty file"
+                f"all rows of {source} are bad: {_skip_summary(source, skipped, where)}", "empty file"
             )
-        logger.warning(_skip_summary(source, skipped))
+        logger.warning(_skip_summary(source, skipped, where))
     mapped = mapped.remove_columns([_ERROR, _REASON])
     # A format column that every row consumed is now all None: drop it.
     empty = [
