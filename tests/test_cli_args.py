@@ -79,7 +79,8 @@ def test_ms_swift_defaults():
     full = parse_args(SftArguments, ["--model", "m", "--dataset", "d", "--train_type", "full"])
     assert full.learning_rate == 1e-5
     grpo = parse_args(RlhfArguments, ["--model", "m", "--dataset", "d"])
-    assert grpo.beta == 0.04 and grpo.epsilon == 0.2 and grpo.epsilon_high == 0.2
+    assert grpo.beta == 0.04 and grpo.epsilon == 0.2 and grpo.epsilon_high is None  # the algorithm resolves it
+    assert grpo.metric_for_best_model == "reward"  # RL evaluates rewards (ms-swift's GRPO default)
     assert grpo.num_generations == 8 and grpo.loss_type == "grpo" and grpo.scale_rewards == "group"
 
 

@@ -25,6 +25,7 @@ from swiftray.cli_parser import parse_args
 from swiftray.controller import rl
 from swiftray.controller.rl_tasks import make_step_batch
 from swiftray.experience import RolloutBatch
+from swiftray.plan import BatchPlan
 
 torch.set_num_threads(1)
 
@@ -103,7 +104,7 @@ def main_run(ray_cluster, tiny_model_dir, plugin, tmp_path_factory):  # noqa: F8
     real_get, real_put = ray.get, ray.put
     real_ranked = ActorGroup.call_all_ranked
     real_step_batch = rl.make_step_batch
-    real_generate, real_train = rl.Roles.generate_scored, rl.Roles.train
+    real_generate, real_train = rl.RLStep.generate, rl.RLStep.train
 
     def generate(self, *a, **kw):
         seen["events"].append("generate")
@@ -143,8 +144,8 @@ def main_run(ray_cluster, tiny_model_dir, plugin, tmp_path_factory):  # noqa: F8
         mp.setattr(ray, "put", put)
         mp.setattr(ActorGroup, "call_all_ranked", ranked)
         mp.setattr(rl, "make_step_batch", StepBatchSpy())
-        mp.setattr(rl.Roles, "generate_scored", generate)
-        mp.setattr(rl.Roles, "train", train)
+        mp.setattr(rl.RLStep, "generate", generate)
+        mp.setattr(rl.RLStep, "train", train)
         run_dir, train = run(tmp_path_factory.mktemp("main"), tiny_model_dir, "--beta", "0.04",
                              "--async_generate", "true", "--max_steps", "3",
                              "--num_iterations", "2", "--learning_rate", "2e-2", "--lr_scheduler_type", "constant",
@@ -233,11 +234,12 @@ def test_staleness_beyond_the_algorithm_bound_raises(ray_cluster):  # noqa: F811
     batch = RolloutBatch([[1, 2]] * 2, [[3], [4]], ["a", "b"], [False] * 2, [0, 0], {}, version=0,
                          rewards=[0.0, 1.0])
     ref = ray.put(batch)
+    one_rank = BatchPlan(world_size=1, micro_batch_size=2, accumulation=1, eval_batch_size=1, num_generations=2)
     ok = make_step_batch.options(num_returns=2).remote(GRPO(num_generations=2, beta=0.0, max_staleness=1),
-                                                       [ref], 1, 2, 0, 2, 1, 0)
+                                                       [ref], one_rank, 0, 1, 0)
     assert ray.get(ok[1])["metrics"]["staleness"] == 1
     stale = make_step_batch.options(num_returns=2).remote(GRPO(num_generations=2, beta=0.0, max_staleness=1),
-                                                          [ref], 1, 2, 0, 2, 2, 0)
+                                                          [ref], one_rank, 0, 2, 0)
     with pytest.raises(RuntimeError, match=r"version 0 are 2 steps behind .* allows 1"):
         ray.get(stale[1])
     args = parse_args(RlhfArguments, ["--model", "m", "--dataset", "d", "--async_generate", "true"])

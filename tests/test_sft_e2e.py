@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from _ray import ray_cluster  # noqa: F401
-from _sft import metric_by_step, run_sft, sft_args
+from _sft import metric_by_step, run_sft
 from safetensors.torch import load_file
 
 from swiftray import checkpoint as ckpt
@@ -19,13 +19,14 @@ def eval_loss_float64(checkpoint, val_spec: str) -> tuple[float, int]:
     and the number of loss tokens."""
     from transformers import AutoModelForCausalLM
 
-    from swiftray.data.pipeline import encode_dataset, load_train_val
+    from swiftray.data.loader import load_datasets
+    from swiftray.data.pipeline import encode_dataset
     from swiftray.data.template import Template
     from swiftray.models.loader import load_tokenizer
 
     # As the run loads --val_dataset: in file order, no shuffle.
-    args = sft_args(checkpoint, "unused", "--dataset", val_spec, "--dataset_shuffle", "false")
-    samples = encode_dataset(load_train_val(args)[0], Template(load_tokenizer(str(checkpoint))), name="check")
+    samples = encode_dataset(load_datasets([val_spec], shuffle=False), Template(load_tokenizer(str(checkpoint))),
+                             name="check")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
     total, count = 0.0, 0
     with torch.no_grad():

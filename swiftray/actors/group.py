@@ -34,7 +34,7 @@ class DistributedWorker:
         return ray.util.get_node_ip_address(), port
 
     def init_distributed(
-        self, rank: int, world_size: int, master_addr: str, master_port: int, backend: str, num_threads: int
+        self, rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None, num_threads: int
     ) -> None:
         """Join the group's process group; blocks until every rank has called it."""
         import torch
@@ -48,6 +48,8 @@ class DistributedWorker:
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
             WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
         )
+        if backend is None:  # a group without collectives (e.g. actors on fake GPUs in tests)
+            return
         if backend == "nccl":
             torch.cuda.set_device(0)
         dist.init_process_group(
@@ -62,7 +64,7 @@ class DistributedWorker:
         """Set torch's threads to `share` of this node's cores (at least 1); returns the thread count.
 
         Ray's logical CPUs are a scheduling budget, not threads: the driver retunes threads to
-        what actually runs at the same time (see controller/rl.py `thread_shares`).
+        what actually runs at the same time (the run plan's `threads_share` of each role).
         """
         import torch
 
@@ -78,11 +80,13 @@ class DistributedWorker:
 
 
 class ActorGroup:
-    """`num_workers` actors of `actor_cls` in one PACKed placement group, ranks 0..N-1.
+    """`num_workers` actors of `actor_cls`, ranks 0..N-1, joined in a torch.distributed group.
 
-    `actor_cls` is a plain class subclassing DistributedWorker (or its ray.remote form);
-    each actor is built with `actor_cls(*init_args)`. The process group uses nccl when
-    workers have GPUs and gloo otherwise.
+    `actor_cls` is a plain class subclassing DistributedWorker (or its ray.remote form); each actor
+    is built with `actor_cls(*init_args)`. By default the group makes its own PACKed placement group,
+    one bundle per worker. Given `placement_group` and `bundles` (the run plan's), each worker goes in
+    its bundle of that shared group instead: how roles share the policy's GPUs. The process group
+    uses `backend`: "auto" is nccl when workers have GPUs and gloo otherwise; None makes none.
     """
 
     def __init__(
@@ -95,6 +99,9 @@ class ActorGroup:
         name: str,
         placement_timeout_s: float = 60,
         init_args: tuple = (),
+        placement_group: Any = None,
+        bundles: tuple[int, ...] | None = None,
+        backend: str | None = "auto",
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"ActorGroup {name!r}: num_workers must be >= 1, got {num_workers}")
@@ -102,49 +109,47 @@ class ActorGroup:
             raise ValueError(f"ActorGroup {name!r}: num_cpus_per_worker must be > 0, got {num_cpus_per_worker}")
         self.name = name
         self.num_workers = num_workers
-        bundle = {"CPU": float(num_cpus_per_worker)}
-        if num_gpus_per_worker:
-            bundle["GPU"] = float(num_gpus_per_worker)
-        self._pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK",
-                                   name=f"swiftray-{name}")
-        self._wait_for_placement(bundle, placement_timeout_s)
-
-        remote_cls = actor_cls if hasattr(actor_cls, "remote") else ray.remote(actor_cls)
-        self.actors = [
-            remote_cls.options(
-                num_cpus=num_cpus_per_worker,
-                num_gpus=num_gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=rank
-                ),
-            ).remote(*init_args)
-            for rank in range(num_workers)
-        ]
+        self.actor_cls = actor_cls
+        self.init_args = init_args
+        self.num_cpus_per_worker, self.num_gpus_per_worker = num_cpus_per_worker, num_gpus_per_worker
+        self.actors: list = []
+        self._pg = None  # only a placement group this group made itself is removed at shutdown
+        if placement_group is None:
+            bundle = {"CPU": float(num_cpus_per_worker)}
+            if num_gpus_per_worker:
+                bundle["GPU"] = float(num_gpus_per_worker)
+            self._pg = placement_group_for(name, [dict(bundle) for _ in range(num_workers)], placement_timeout_s)
+            placement_group, bundles = self._pg, tuple(range(num_workers))
+        if bundles is None or len(bundles) != num_workers:
+            raise ValueError(f"ActorGroup {name!r}: {num_workers} workers need {num_workers} bundle indices, "
+                             f"got {bundles}")
+        self.placement_group, self.bundles = placement_group, tuple(bundles)
+        self.backend = ("nccl" if num_gpus_per_worker else "gloo") if backend == "auto" else backend
+        self.actors = [self._start_actor(rank) for rank in range(num_workers)]
         try:
-            master_addr, master_port = ray.get(self.actors[0].get_master_address.remote())
-            backend = "nccl" if num_gpus_per_worker else "gloo"
-            num_threads = max(1, int(num_cpus_per_worker))
-            ray.get([
-                actor.init_distributed.remote(rank, num_workers, master_addr, master_port, backend, num_threads)
-                for rank, actor in enumerate(self.actors)
-            ])
+            self._join(self.actors)
         except Exception:
             self.shutdown()
             raise
 
-    def _wait_for_placement(self, bundle: dict, timeout_s: float) -> None:
-        try:
-            ray.get(self._pg.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self._pg)
-            total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
-            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
-            raise RuntimeError(
-                f"ActorGroup {self.name!r} asked for {self.num_workers} worker(s) x {bundle} "
-                f"(placement group, PACK) and got no placement within {timeout_s:g}s. "
-                f"Cluster total: {total}; available now: {free}. Lower this role's num_workers or "
-                f"CPUs/GPUs per worker (fractions are allowed), colocate roles, or add nodes."
-            ) from None
+    def _start_actor(self, rank: int) -> Any:
+        remote_cls = self.actor_cls if hasattr(self.actor_cls, "remote") else ray.remote(self.actor_cls)
+        return remote_cls.options(
+            num_cpus=self.num_cpus_per_worker,
+            num_gpus=self.num_gpus_per_worker,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group, placement_group_bundle_index=self.bundles[rank]
+            ),
+        ).remote(*self.init_args)
+
+    def _join(self, actors: list) -> None:
+        """Rendezvous: every rank joins the group's process group (or, without one, learns its rank)."""
+        master_addr, master_port = ray.get(actors[0].get_master_address.remote())
+        num_threads = max(1, int(self.num_cpus_per_worker))
+        ray.get([
+            actor.init_distributed.remote(rank, len(actors), master_addr, master_port, self.backend, num_threads)
+            for rank, actor in enumerate(actors)
+        ])
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Call `method(*args, **kwargs)` on every rank; one ObjectRef per rank, in rank order.
@@ -171,10 +176,28 @@ class ActorGroup:
         return ray.get(self.call_all(method, *args, **kwargs))
 
     def shutdown(self) -> None:
-        """Kill the actors and free the placement group; safe to call twice."""
-        for actor in getattr(self, "actors", []):
+        """Kill the actors and free the placement group it made; safe to call twice."""
+        for actor in self.actors:
             ray.kill(actor)
         self.actors = []
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
+
+
+def placement_group_for(name: str, bundles: list[dict[str, float]], timeout_s: float = 60) -> Any:
+    """A PACKed placement group, ready; a clear error naming what was asked for when it cannot be placed
+    (Ray itself would wait forever)."""
+    pg = placement_group(bundles, strategy="PACK", name=f"swiftray-{name}")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
+        raise RuntimeError(
+            f"role {name!r} asked for {len(bundles)} worker(s) x {bundles[0]} (placement group, PACK) and got no "
+            f"placement within {timeout_s:g}s. Cluster total: {total}; available now: {free}. Lower this "
+            "role's num_workers or CPUs/GPUs per worker (fractions are allowed), colocate roles, or add nodes."
+        ) from None
+    return pg

@@ -62,6 +62,8 @@ class PolicyConfig:
     seed: int = 42
     backend: str = "ddp"  # ddp | fsdp2 | deepspeed
     deepspeed: str | None = None  # zero2 (the default) | zero3 | zero2_offload | zero3_offload | a JSON path
+    fsdp_reshard_after_forward: bool = True  # --fsdp full_shard (True) or shard_grad_op (False)
+    fsdp_offload: bool = False  # --fsdp offload: parameters and optimizer state in CPU memory (GPU only)
     learning_rate: float = 1e-5
     weight_decay: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -75,7 +77,9 @@ class PolicyConfig:
     gradient_accumulation_steps: int | None = None
 
     @classmethod
-    def from_dict(cls, config: dict) -> PolicyConfig:
+    def from_dict(cls, config: dict | PolicyConfig) -> PolicyConfig:
+        if isinstance(config, PolicyConfig):
+            config = dataclasses.asdict(config)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
@@ -157,7 +161,7 @@ class PolicyActor(DistributedWorker):
         self.backend = None
 
     # --- construction --------------------------------------------------------------------
-    def setup(self, config: dict) -> dict:
+    def setup(self, config: dict | PolicyConfig) -> dict:
         """Load the model, wrap it in the backend, build AdamW and the LR schedule."""
         cfg = PolicyConfig.from_dict(config)
         self.cfg = cfg
@@ -179,7 +183,9 @@ class PolicyActor(DistributedWorker):
                   "num_trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
         make_optimizer = adamw_factory(cfg.learning_rate, cfg.weight_decay, cfg.adam_betas, cfg.adam_epsilon)
         self.backend = make_backend(cfg.backend, module, make_optimizer, max_grad_norm=cfg.max_grad_norm,
-                                    device=self.device, deepspeed=cfg.deepspeed or "zero2")
+                                    device=self.device, deepspeed=cfg.deepspeed or "zero2",
+                                    fsdp_reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                                    fsdp_offload=cfg.fsdp_offload)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.backend.optimizer, lr_lambda(cfg.lr_scheduler_type, cfg.num_warmup_steps(), cfg.total_steps)
         )
@@ -387,12 +393,18 @@ class PolicyActor(DistributedWorker):
             size += tensor.numel() * tensor.element_size()
         return [ray.put(bucket) for bucket in buckets if bucket]
 
-    def offload(self) -> None:
-        """Move weights and optimizer state off the GPU (colocated roles); a no-op on CPU."""
-        self.backend.offload()
-        gc.collect()
+    def offload(self, model: bool = True, optimizer: bool = True, gc_collect: bool = False) -> None:
+        """Colocated mode, while the engines generate: move the weights (--offload_model) and/or the
+        optimizer state (--offload_optimizer) to CPU memory, then, with gc_collect
+        (--gc_collect_after_offload), collect garbage and empty the CUDA cache. A no-op on CPU."""
+        self.backend.offload(model=model, optimizer=optimizer)
+        if gc_collect:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def onload(self) -> None:
+        """Before training: bring back what offload() moved."""
         self.backend.onload()
 
 

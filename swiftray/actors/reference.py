@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from swiftray.actors.configs import ReferenceConfig, as_config
 from swiftray.actors.group import DistributedWorker
 from swiftray.experience import RolloutBatch
 from swiftray.models.inference import load_inference_model
@@ -14,13 +15,15 @@ from swiftray.models.logprobs import completion_logprobs
 
 
 class ReferenceActor(DistributedWorker):
-    def setup(self, config: dict[str, Any]) -> None:
-        """config: model_dir (the reference model), torch_dtype, batch_size."""
-        self.model, self.tokenizer = load_inference_model(config["model_dir"], config.get("adapters"),
-                                                          torch_dtype=config.get("torch_dtype"), merge=True)
+    def setup(self, config: ReferenceConfig | dict[str, Any]) -> None:
+        """Load the frozen model of `config` (a ReferenceConfig; a dict of its fields works too)."""
+        cfg = as_config(ReferenceConfig, config)
+        self.model, self.tokenizer = load_inference_model(cfg.model_dir, list(cfg.adapters),
+                                                          torch_dtype=cfg.torch_dtype, merge=True,
+                                                          attn_impl=cfg.attn_impl)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.batch_size = config.get("batch_size", 16)
+        self.batch_size = cfg.batch_size
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> list[list[float]]:
@@ -28,7 +31,7 @@ class ReferenceActor(DistributedWorker):
         return completion_logprobs(self.model, batch.prompt_ids, batch.completion_ids,
                                    self.tokenizer.pad_token_id, self.batch_size)
 
-    def attach_logprobs(self, batch: RolloutBatch) -> RolloutBatch:
+    def annotate(self, batch: RolloutBatch) -> RolloutBatch:
         """The same batch with `ref_logprobs` filled in."""
         start = time.time()
         batch.ref_logprobs = self.logprobs(batch)

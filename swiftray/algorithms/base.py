@@ -1,26 +1,42 @@
-"""What an algorithm is: the roles it needs, how it turns rollouts into a batch, and its loss.
+"""What an algorithm is: the roles it needs, how it turns rollouts into a batch, and its losses.
 
-Algorithms never touch Ray. The controller sequences the roles; the policy
-actor computes token log-probs and calls `algorithm.loss` on them. A user's
-algorithm is a subclass registered under a name:
+Algorithms never touch Ray. The controller starts the roles an algorithm declares and calls only
+what this interface declares; the policy actor computes token log-probs and calls `algorithm.loss`
+on them. A user's algorithm is a subclass registered under a name:
 
     from swiftray.algorithms import register_algorithm
     from swiftray.algorithms.grpo import GRPO
 
     @register_algorithm("my_grpo")
     class MyGRPO(GRPO):
-        def advantages(self, rewards, num_generations): ...
+        def advantages(self, rewards, batch): ...
 
 and is picked with `--rlhf_type my_grpo --external_plugins my_algo.py`.
+
+Roles. Every algorithm trains the policy. One whose `data_source` is "rollouts" also gets rollout
+engines, and lists the other roles it needs in `role_specs` (built in `from_args`): each a
+`RoleSpec` naming its actor class, its config and the phases of a step it takes part in:
+
+    score     right after generation, before dynamic sampling (the reward functions)
+    annotate  on the rollouts that will be trained on (reference log-probs, a critic's values)
+    train     trained on each step's batch beside the policy, with `role_loss(name)`
+
+An actor in the score or annotate phase has `annotate(batch: RolloutBatch) -> RolloutBatch`; one in
+the train phase has the policy's `train_step(micro_batches, loss_fn)` and `save_checkpoint` /
+`load_checkpoint`. A new algorithm with a new role is one file and no edit to the controller
+(scripts/plugins/value_baseline.py shows one).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
+PHASES = ("score", "annotate", "train")
+SCALES = ("one", "per_gpu", "per_rank")
 
 
 def register_algorithm(name: str):
@@ -36,26 +52,76 @@ def register_algorithm(name: str):
 
 def get_algorithm(name: str) -> type[Algorithm]:
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; registered: {', '.join(sorted(ALGORITHMS))} "
+        raise ValueError(f"--rlhf_type {name!r}: unknown algorithm; registered: {', '.join(sorted(ALGORITHMS))} "
                          "(add your own with --external_plugins)")
     return ALGORITHMS[name]
 
 
+@dataclass(frozen=True)
+class RoleSpec:
+    """A role an algorithm needs besides the policy and the rollout engines.
+
+    `actor` is "module:Class", imported only where the role starts, so that the algorithm stays free
+    of Ray. `scale` says how many workers: "one"; "per_gpu" (one per policy GPU on a GPU cluster,
+    sharing it; one on CPU); "per_rank" (one per policy rank: what a trained role needs, since it
+    takes the same shards as the policy).
+    """
+
+    name: str
+    actor: str
+    config: Any
+    phases: tuple[str, ...]
+    scale: str = "one"
+    wants_gpu: bool = True  # placed on the policy's GPUs when the cluster has any
+    cpu_share: float = 0.25  # logical CPUs per worker on a CPU cluster
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.phases if p not in PHASES]
+        if not self.phases or bad:
+            raise ValueError(f"role {self.name!r}: phases {self.phases} must be a non-empty subset of {PHASES}")
+        if self.scale not in SCALES:
+            raise ValueError(f"role {self.name!r}: scale {self.scale!r}, expected one of {SCALES}")
+        if "train" in self.phases and self.scale != "per_rank":
+            raise ValueError(f"role {self.name!r} trains, so it needs scale='per_rank' (the policy's shards)")
+
+
 class Algorithm:
-    """Base class. Subclasses set `roles` and implement `loss` (and `make_experience` for RL)."""
+    """Base class: the defaults of every part of the interface. Subclasses implement `loss`
+    (and `make_experience` for RL)."""
 
     name: str = "base"
-    # Which actor groups the controller starts: "policy" always; RL adds "rollout",
-    # "reward" and, when the KL term is on, "reference".
-    roles: tuple[str, ...] = ("policy",)
-    # How many optimizer steps older than the policy a rollout may be (async generation).
+    # "rollouts": the driver generates each step's data; "dataset": batches come from the dataset (SFT).
+    data_source: str = "dataset"
+    # Optimizer passes over each step's batch (PPO-style reuse; >1 needs the old log-probs).
+    num_iterations: int = 1
+    # How many weight versions older than the policy a rollout may be (async generation).
     max_staleness: int = 0
+    # Whether groups filtered out by keep_groups are replaced by generating more (DAPO).
+    resample_filtered: bool = False
+    role_specs: tuple[RoleSpec, ...] = ()
+
+    def roles(self) -> tuple[str, ...]:
+        """Every role the run starts, by name."""
+        generated = ("rollout",) if self.data_source == "rollouts" else ()
+        return ("policy", *generated, *(spec.name for spec in self.role_specs))
 
     def needs_reference(self) -> bool:
-        return "reference" in self.roles
+        return "reference" in self.roles()
+
+    def keep_groups(self, batch: Any) -> list[int]:
+        """Indices of the scored completions worth training on (all, unless the algorithm filters)."""
+        return list(range(len(batch)))
+
+    def make_experience(self, batch: Any, pad_token_id: int) -> dict[str, torch.Tensor]:
+        """A scored, annotated RolloutBatch -> the step's training rows (see experience.py)."""
+        raise NotImplementedError(f"{type(self).__name__} generates no rollouts")
 
     def loss(self, token_logprobs: torch.Tensor, batch: dict[str, Any],
              num_tokens_global: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one micro-batch. `token_logprobs[b, t]` is log p(labels[b, t+1] | tokens <= t);
+        """Policy loss of one micro-batch. `token_logprobs[b, t]` is log p(labels[b, t+1] | tokens <= t);
         `num_tokens_global` counts loss tokens over every rank and micro-batch of the step."""
         raise NotImplementedError
+
+    def role_loss(self, role: str) -> Any:
+        """The loss function a trained role (phase "train") calls on its own outputs."""
+        raise NotImplementedError(f"{type(self).__name__} declares no trained role {role!r}")

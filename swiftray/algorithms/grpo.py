@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from swiftray.algorithms.base import Algorithm, register_algorithm
+from swiftray.algorithms.base import Algorithm, RoleSpec, register_algorithm
 from swiftray.algorithms.grpo_math import dynamic_sample_filter, group_advantages, policy_loss
+from swiftray.algorithms.roles import reference_role, reward_role
 from swiftray.experience import RolloutBatch, completion_logprobs_to_tokens, sequences_batch
 
 
@@ -36,19 +37,23 @@ class GRPO(Algorithm):
     dynamic_sample: bool = False
     num_iterations: int = 1
     max_staleness: int = 0
+    role_specs: tuple[RoleSpec, ...] = ()
+    data_source = "rollouts"
 
     @classmethod
     def from_args(cls, args: Any) -> GRPO:
+        roles = (reward_role(args),) + ((reference_role(args),) if args.beta != 0 else ())
         return cls(num_generations=args.num_generations, scale_rewards=args.scale_rewards, beta=args.beta,
-                   epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-                   max_completion_length=args.max_completion_length, overlong_filter=args.overlong_filter,
-                   dynamic_sample=args.dynamic_sample, num_iterations=args.num_iterations,
-                   max_staleness=1 if args.async_generate else 0)
+                   epsilon=args.epsilon,
+                   epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+                   loss_type=args.loss_type, max_completion_length=args.max_completion_length,
+                   overlong_filter=args.overlong_filter, dynamic_sample=args.dynamic_sample,
+                   num_iterations=args.num_iterations, max_staleness=1 if args.async_generate else 0,
+                   role_specs=roles)
 
     @property
-    def roles(self) -> tuple[str, ...]:  # type: ignore[override]
-        base = ("policy", "rollout", "reward")
-        return base + ("reference",) if self.beta != 0 else base
+    def resample_filtered(self) -> bool:  # type: ignore[override]
+        return self.dynamic_sample
 
     # -- experience
 
@@ -98,7 +103,8 @@ class GRPO(Algorithm):
 @register_algorithm("dapo")
 @dataclass
 class DAPO(GRPO):
-    """DAPO's defaults: token-level loss over the global batch, clip-higher, dynamic sampling."""
+    """DAPO (Yu et al. 2025) as ms-swift configures it: token-level loss over the global batch,
+    clip-higher, dynamic sampling, overlong filtering. The one place DAPO's defaults live."""
 
     loss_type: str = "dapo"
     epsilon_high: float | None = 0.28
@@ -108,8 +114,9 @@ class DAPO(GRPO):
     @classmethod
     def from_args(cls, args: Any) -> DAPO:
         algo = super().from_args(args)
-        # Flags left at GRPO's defaults take DAPO's.
-        if args.epsilon_high == args.epsilon:
+        if args.loss_type == "grpo":  # GRPO's default: take DAPO's
+            algo.loss_type = "dapo"
+        if args.epsilon_high is None:
             algo.epsilon_high = 0.28
         algo.dynamic_sample = True
         algo.overlong_filter = True

@@ -11,7 +11,7 @@ from swiftray.algorithms.base import Algorithm, register_algorithm
 
 @register_algorithm("sft")
 class SFT(Algorithm):
-    roles = ("policy",)
+    data_source = "dataset"
 
     def loss(self, token_logprobs: torch.Tensor, batch: dict[str, Any],
              num_tokens_global: int) -> tuple[torch.Tensor, dict[str, float]]:

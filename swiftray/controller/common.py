@@ -1,4 +1,8 @@
-"""Pieces both drivers (SFT and RL) use: the run folder, the policy group, checkpoints."""
+"""Pieces both driver loops (SFT and RL) use: the plan, the run folder, checkpoints and evaluation's best.
+
+A run goes: flags -> plan (every value checked, nothing started) -> data (every file checked) ->
+--print_plan stops here -> run folder -> Ray -> roles -> the loop.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,12 @@ import torch
 
 from swiftray import checkpoint as ckpt
 from swiftray.actors.group import ActorGroup
-from swiftray.actors.policy import PolicyActor
+from swiftray.algorithms.base import Algorithm
+from swiftray.cluster import init_ray
+from swiftray.paths import absolute
+from swiftray.placement import Cluster, cluster_from_environment, cluster_from_ray
+from swiftray.plan import RunPlan, build_plan, describe
+from swiftray.schedule import BestCheckpoint
 
 logger = logging.getLogger("swiftray")
 
@@ -25,85 +34,79 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_run(args: Any) -> Path:
-    """The run folder with its args.json; a resumed run continues in a new vN folder, as in ms-swift."""
-    run_dir = ckpt.make_run_dir(args.output_dir, args.add_version)
+def planning_cluster(args: Any) -> Cluster:
+    """The cluster to plan for without starting anything: the Ray cluster this process is connected to
+    (or joins, with --ray_address), else what the launch environment describes."""
+    if not ray.is_initialized() and (args.ray_address or os.environ.get("RAY_ADDRESS")):
+        init_ray(args.ray_address)
+    return cluster_from_ray() if ray.is_initialized() else cluster_from_environment()
+
+
+def resume_model(args: Any) -> None:
+    """`--resume_from_checkpoint CKPT` alone is enough: the model comes from CKPT/args.json."""
+    if args.resume_from_checkpoint and not args.model:
+        args.model = ckpt.read_args(args.resume_from_checkpoint)["model"]
+
+
+def plan_or_print(args: Any, algorithm: Algorithm, train_units: int, command: str) -> RunPlan | None:
+    """The plan for the cluster the run will use, or None after printing it (--print_plan).
+
+    A run without a cluster to join starts a local Ray here (sized as the environment plan assumed)
+    and is planned again on what Ray reports."""
+    plan = build_plan(args, algorithm, planning_cluster(args), train_units, command)
+    if args.print_plan:
+        print(describe(plan))
+        return None
+    if not ray.is_initialized():
+        init_ray(None)
+        plan = build_plan(args, algorithm, cluster_from_ray(), train_units, command)
+    for note in plan.notes:
+        logger.warning(note)
+    return plan
+
+
+def start_run(args: Any, plan: RunPlan) -> Path:
+    """The run folder with args.json; a resumed run continues in a new vN folder, as in ms-swift."""
+    run_dir = ckpt.make_run_dir(plan.output.output_dir, plan.output.add_version)
     ckpt.write_json(run_dir / "args.json", ckpt.args_to_dict(args))
     logger.info("run folder: %s", run_dir)
     return run_dir
 
 
-def absolute(path: str | Path) -> str:
-    """Actors on a cluster joined by address do not share the driver's working directory:
-    hand them absolute paths. A name that is not a local path is passed through."""
-    return str(Path(path).resolve()) if os.path.exists(path) else str(path)
+def mean_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Ranks report the same all-reduced values for loss/grad_norm; average the rest."""
+    return {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
 
 
-def policy_config(args: Any, total_steps: int) -> dict[str, Any]:
-    """Everything a PolicyActor needs to build its model, backend and optimizer."""
-    backend = "deepspeed" if args.deepspeed else ("fsdp2" if args.fsdp and args.fsdp != "no" else "ddp")
-    return {
-        "model_dir": absolute(args.model),
-        "torch_dtype": args.torch_dtype or "float32",
-        "attn_impl": args.attn_impl,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "use_liger_kernel": args.use_liger_kernel,
-        "train_type": args.train_type,
-        "adapters": [absolute(a) for a in args.adapters],
-        "lora_rank": args.lora_rank,
-        "lora_alpha": args.lora_alpha,
-        "lora_dropout": args.lora_dropout,
-        "target_modules": list(args.target_modules),
-        "modules_to_save": list(args.modules_to_save),
-        "backend": backend,
-        "deepspeed": absolute(args.deepspeed) if args.deepspeed else None,  # preset name or JSON path
-        "learning_rate": args.learning_rate,
-        "weight_decay": args.weight_decay,
-        "adam_betas": (args.adam_beta1, args.adam_beta2),
-        "max_grad_norm": args.max_grad_norm,
-        "lr_scheduler_type": args.lr_scheduler_type,
-        "warmup_ratio": args.warmup_ratio,
-        "warmup_steps": args.warmup_steps,
-        "total_steps": total_steps,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "seed": args.seed,
-    }
+def save_checkpoint(trained: dict[str, ActorGroup], run_dir: Path, step: int, *, plan: RunPlan, tokenizer: Any,
+                    args: Any, trainer_state: dict[str, Any], best: BestCheckpoint) -> Path:
+    """Write checkpoint-STEP aside, then rename it into place; prune to --save_total_limit.
 
-
-def start_policy_group(args: Any, total_steps: int, cpu_share: float = 1.0) -> ActorGroup:
-    """The policy workers (NPROC_PER_NODE x NNODES), set up and ready to train."""
-    num_workers = args.world_size
-    resources = ray.cluster_resources()
-    num_gpus = 1.0 if resources.get("GPU", 0) >= num_workers else 0.0
-    if args.num_cpus_per_worker:
-        num_cpus = args.num_cpus_per_worker
-    else:
-        # Fractions of the real cores, so that the other roles of an RL run still place.
-        cores = os.cpu_count() or 1
-        num_cpus = max(0.5, round(cores * cpu_share / num_workers, 2))
-    group = ActorGroup(PolicyActor, num_workers, num_cpus_per_worker=num_cpus,
-                       num_gpus_per_worker=num_gpus, name="policy")
-    ray.get(group.call_all("setup", policy_config(args, total_steps)))
-    return group
-
-
-def save_checkpoint(group: ActorGroup, run_dir: Path, step: int, *, tokenizer: Any, args: Any,
-                    trainer_state: dict[str, Any], best: Path | None) -> Path:
-    """Write checkpoint-STEP aside, then rename it into place; prune to --save_total_limit."""
+    The policy's files go at the top (what `swiftray infer --adapters` and transformers load); any
+    other trained role (a critic) in a subfolder of its name."""
     staging = ckpt.staging_dir(run_dir, step)
-    ray.get(group.call_all("save_checkpoint", absolute(staging), args.save_only_model))
+    save_only_model = plan.schedule.save_only_model
+    ray.get([ref for name, group in trained.items()
+             for ref in group.call_all("save_checkpoint", absolute(staging if name == "policy" else staging / name),
+                                       save_only_model)])
     tokenizer.save_pretrained(staging)
     ckpt.write_json(staging / "args.json", ckpt.args_to_dict(args))
     ckpt.write_json(staging / ckpt.TRAINER_STATE, trainer_state)
     final = ckpt.commit_checkpoint(staging, ckpt.checkpoint_dir(run_dir, step))
-    removed = ckpt.prune_checkpoints(run_dir, args.save_total_limit, best)
-    for path in removed:
-        logger.info("removed old checkpoint %s (--save_total_limit %s)", path.name, args.save_total_limit)
+    for path in ckpt.prune_checkpoints(run_dir, plan.schedule.save_total_limit, best.existing()):
+        logger.info("removed old checkpoint %s (--save_total_limit %s)", path.name, plan.schedule.save_total_limit)
     return final
 
 
-def is_better(metric: float, best: float | None, name: str) -> bool:
-    """Lower is better for losses, higher for everything else (accuracy, reward)."""
-    if best is None:
-        return True
-    return metric < best if "loss" in name else metric > best
+def load_checkpoint(trained: dict[str, ActorGroup], path: str) -> dict[str, Any]:
+    """Every trained role's state from checkpoint `path`; returns its trainer_state.json."""
+    state = ckpt.read_trainer_state(path)
+    ray.get([ref for name, group in trained.items()
+             for ref in group.call_all("load_checkpoint", absolute(Path(path) if name == "policy" else Path(path) / name))])
+    return state
+
+
+def finish(run_dir: Path, best: BestCheckpoint) -> None:
+    last = ckpt.latest_checkpoint(run_dir)
+    logger.info("last_model_checkpoint: %s", last)
+    logger.info("best_model_checkpoint: %s", best.existing() or last)

@@ -1,4 +1,4 @@
-"""The RL driver's small helpers: prompt encoding and order, reward settings, hardware warnings."""
+"""The RL driver's small helpers: prompt encoding and order, plug-in shipping, readable errors."""
 
 from __future__ import annotations
 
@@ -70,37 +70,6 @@ class PromptSampler:
         self._order = self._make_order()
 
 
-def reward_kwargs(args: Any) -> dict[str, Any]:
-    """Settings the built-in rewards read (cosine, repetition, soft_overlong)."""
-    names = ("max_completion_length", "soft_max_length", "soft_cache_length", "cosine_min_len_value_wrong",
-             "cosine_max_len_value_wrong", "cosine_min_len_value_correct", "cosine_max_len_value_correct",
-             "cosine_max_len", "repetition_n_grams", "repetition_max_penalty")
-    out = {name: getattr(args, name) for name in names}
-    out["soft_max_length"] = out["soft_max_length"] or args.max_completion_length
-    out["cosine_max_len"] = out["cosine_max_len"] or args.max_completion_length
-    return out
-
-
-def driver_rewards(names: list[str]) -> dict[str, Any]:
-    """Rewards registered by code in this process (a Python-API script), to ship to the reward actors.
-
-    Built-ins exist in every process, and plug-in files are imported by each actor itself; a
-    function or class registered in the user's script exists only here, so it travels pickled.
-    """
-    from swiftray.rewards import REWARD_FUNCS
-    from swiftray.rewards.builtin import BUILTIN_REWARDS
-
-    out = {}
-    for name in names:
-        obj = REWARD_FUNCS.get(name)
-        if obj is None or BUILTIN_REWARDS.get(name) is obj:
-            continue
-        if getattr(obj, "__module__", "").startswith("swiftray_plugin_"):  # see load_external_plugins
-            continue
-        out[name] = obj
-    return out
-
-
 def ship_plugins_by_value() -> None:
     """Let what plug-in files define (an algorithm class, say) travel to other processes.
 
@@ -126,27 +95,3 @@ def readable_error(err: BaseException) -> BaseException:
                                                                          BaseException):
         cause = cause.cause
     return cause
-
-
-def hardware_warnings(args: Any) -> list[str]:
-    """Flags that only mean something on GPUs, explained once when there are none."""
-    import torch
-
-    if torch.cuda.is_available():
-        return []
-    notes = []
-    if args.use_vllm:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            notes.append("--use_vllm true: vLLM is not installed here (GPU: pip install 'swiftray[vllm]'; "
-                         "CPU: scripts/setup_vllm_cpu.sh); generating with the hf engine instead")
-            args.use_vllm = False
-    gpu_only = [f for f in ("offload_model", "offload_optimizer", "gc_collect_after_offload") if getattr(args, f)]
-    if args.sleep_level:
-        gpu_only.append(f"sleep_level={args.sleep_level}")
-    if args.vllm_gpu_memory_utilization != 0.9:
-        gpu_only.append("vllm_gpu_memory_utilization")
-    if gpu_only:
-        notes.append(f"no GPU: {', '.join(gpu_only)} only free GPU memory; accepted and ignored on CPU")
-    return notes

@@ -28,10 +28,15 @@ def filter_groups(algorithm: Any, refs: list[ray.ObjectRef]) -> tuple[RolloutBat
 
 
 @ray.remote(num_cpus=0)
-def make_step_batch(algorithm: Any, refs: list[ray.ObjectRef], world_size: int, micro_batch_size: int,
-                    pad_token_id: int, size: int, policy_version: int, num_logged: int) -> tuple:
-    """(shard for rank 0, ..., shard for rank N-1, summary): advantages and per-rank micro-batches."""
+def make_step_batch(algorithm: Any, refs: list[ray.ObjectRef], batch_plan: Any, pad_token_id: int,
+                    policy_version: int, num_logged: int) -> tuple:
+    """(shard for rank 0 of optimizer step 0, ..., rank N-1 of the last optimizer step, summary).
+
+    Advantages are computed over the whole generation; its rows are then cut into the generation's
+    optimizer steps (--steps_per_generation) and each step's rows into per-rank micro-batches.
+    """
     batch = _gather(refs)
+    size = batch_plan.completions_per_generation
     if len(batch) > size:
         batch = select(batch, list(range(size)))
     staleness = policy_version - batch.version
@@ -39,7 +44,11 @@ def make_step_batch(algorithm: Any, refs: list[ray.ObjectRef], world_size: int, 
         raise RuntimeError(f"rollouts from weight version {batch.version} are {staleness} steps behind the "
                            f"policy (version {policy_version}); {algorithm.name} allows {algorithm.max_staleness}")
     rows = algorithm.make_experience(batch, pad_token_id)
-    shards = split_for_ranks(rows, world_size, micro_batch_size)
+    per_step = batch_plan.samples_per_optimizer_step
+    shards = []
+    for k in range(batch_plan.optimizer_steps_per_generation):
+        step_rows = {key: value[k * per_step:(k + 1) * per_step] for key, value in rows.items()}
+        shards += split_for_ranks(step_rows, batch_plan.world_size, batch_plan.micro_batch_size)
     timings = {f"time/{k}": v for k, v in batch.timings.items()}
     summary = {"metrics": {**rollout_metrics(batch), **timings, "staleness": staleness,
                            "advantage/abs_mean": float(rows["advantages"].abs().mean())},

@@ -4,13 +4,12 @@
     for step in steps:
         shards  = [ray.put(rank's micro-batches) for rank]   # each rank pulls its own
         metrics = policy.train_step(shard, sft.loss)      # all ranks, one step
-        eval / save / log on their schedules
+        log / eval / save on the plan's schedule
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,101 +17,91 @@ import ray
 
 from swiftray import checkpoint as ckpt
 from swiftray.algorithms.sft import SFT
-from swiftray.cluster import init_ray
 from swiftray.controller.common import (
-    absolute,
-    is_better,
+    finish,
+    load_checkpoint,
+    mean_metrics,
+    plan_or_print,
+    planning_cluster,
+    resume_model,
     save_checkpoint,
     seed_everything,
-    start_policy_group,
     start_run,
 )
+from swiftray.controller.roles import RunningRoles
 from swiftray.data.batching import StepBatcher, eval_batches
-from swiftray.data.pipeline import encode_dataset, load_train_val
-from swiftray.data.template import Template
+from swiftray.data.pipeline import encode_dataset, load_train_val, make_template
 from swiftray.models.loader import load_tokenizer
+from swiftray.plan import build_plan
+from swiftray.schedule import BestCheckpoint
 from swiftray.tracking import Tracker
 
 logger = logging.getLogger("swiftray")
 
 
-def total_steps_for(args: Any, steps_per_epoch: int) -> int:
-    if args.max_steps and args.max_steps > 0:
-        return args.max_steps
-    return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-
-
-def mean_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Ranks report the same all-reduced values for loss/grad_norm; average the rest."""
-    keys = per_rank[0].keys()
-    return {k: sum(m[k] for m in per_rank) / len(per_rank) for k in keys}
-
-
-def run_sft(args: Any) -> Path:
-    """Train; return the run folder."""
+def run_sft(args: Any) -> Path | None:
+    """Train; return the run folder (None with --print_plan)."""
     seed_everything(args.seed)
-    resume = args.resume_from_checkpoint
-    if resume and not args.model:
-        args.model = ckpt.read_args(resume)["model"]
-    run_dir = start_run(args)
-    tokenizer = load_tokenizer(args.model)
-    template = Template(tokenizer, default_system=args.system, max_length=args.max_length,
-                        truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale)
-    train_ds, val_ds = load_train_val(args)
-    train = encode_dataset(train_ds, template, num_proc=args.dataset_num_proc, name="train")
-    val = encode_dataset(val_ds, template, num_proc=args.dataset_num_proc, name="val") if val_ds else []
-    logger.info("%d training samples, %d validation samples", len(train), len(val))
-
-    batcher = StepBatcher(train, micro_batch_size=args.per_device_train_batch_size, world_size=args.world_size,
-                          accumulation=args.gradient_accumulation_steps, pad_token_id=tokenizer.pad_token_id,
-                          seed=args.data_seed, shuffle=args.dataset_shuffle, packing=args.packing,
-                          max_length=args.max_length, attn_impl=args.attn_impl)
-    total_steps = total_steps_for(args, batcher.steps_per_epoch)
-    init_ray(args.ray_address)
-    policy = start_policy_group(args, total_steps)
+    resume_model(args)
     algorithm = SFT()
+    draft = build_plan(args, algorithm, planning_cluster(args), command="sft")  # every flag checked
+    tokenizer = load_tokenizer(draft.model)
+    template = make_template(tokenizer, draft.template)
+    train_ds, val_ds = load_train_val(draft.data)
+    train = encode_dataset(train_ds, template, num_proc=draft.data.num_proc, name="train")
+    val = encode_dataset(val_ds, template, num_proc=draft.data.num_proc, name="val") if val_ds else []
+    logger.info("%d training samples, %d validation samples", len(train), len(val))
+    b = draft.batch
+    batcher = StepBatcher(train, micro_batch_size=b.micro_batch_size, world_size=b.world_size,
+                          accumulation=b.accumulation, pad_token_id=tokenizer.pad_token_id, seed=draft.data.seed,
+                          shuffle=draft.data.shuffle, packing=draft.template.packing,
+                          max_length=draft.template.max_length, attn_impl=args.attn_impl)
+    plan = plan_or_print(args, algorithm, batcher.num_units, "sft")
+    if plan is None:
+        return None
+    schedule = plan.schedule
 
-    step, best_metric, best_ckpt = 0, None, None
-    if resume:
-        state = ckpt.read_trainer_state(resume)
-        ray.get(policy.call_all("load_checkpoint", absolute(resume)))
+    run_dir = start_run(args, plan)
+    roles = RunningRoles(plan)
+    policy = roles["policy"]
+    step, best = 0, BestCheckpoint()
+    if schedule.resume_from_checkpoint:
+        state = load_checkpoint({"policy": policy}, schedule.resume_from_checkpoint)
         batcher.load_state_dict(state["data"])
-        step, best_metric = state["global_step"], state.get("best_metric")
-        logger.info("resumed from %s at step %d", resume, step)
+        step = state["global_step"]
+        best = BestCheckpoint(state.get("best_metric"), _path(state.get("best_model_checkpoint")))
+        logger.info("resumed from %s at step %d", schedule.resume_from_checkpoint, step)
 
-    tracker = Tracker(run_dir, args.report_to, total_steps=total_steps, initial_step=step,
+    tracker = Tracker(run_dir, list(plan.output.report_to), total_steps=schedule.total_steps, initial_step=step,
                       config=vars(args), desc="sft")
-    val_shards = eval_batches(val, batch_size=args.per_device_eval_batch_size, world_size=args.world_size,
+    val_shards = eval_batches(val, batch_size=b.eval_batch_size, world_size=b.world_size,
                               pad_token_id=tokenizer.pad_token_id) if val else None
     try:
-        while step < total_steps:
+        while step < schedule.total_steps:
             step += 1
             shards = [ray.put(micro_batches) for micro_batches in batcher.next_step()]
             metrics = mean_metrics(ray.get(policy.call_all_ranked("train_step", shards, algorithm.loss)))
-            metrics["epoch"] = round(batcher.epoch + batcher.position / max(1, len(batcher._units)), 4)
+            metrics["epoch"] = round(batcher.epoch + batcher.position / max(1, batcher.num_units), 4)
             tracker.advance(postfix={"loss": metrics["loss"]})
-            if step == 1 and args.logging_first_step or step % args.logging_steps == 0 or step == total_steps:
+            if schedule.log_now(step):
                 tracker.log(step, metrics, prefix="train/")
-            eval_now = val_shards and args.eval_strategy != "no" and (step % args.eval_steps == 0
-                                                                      or step == total_steps)
-            if eval_now:
+            if val_shards and schedule.eval_now(step):
                 eval_metrics = mean_metrics(ray.get(policy.call_all_ranked("eval_step", val_shards, algorithm.loss)))
                 tracker.log(step, eval_metrics, prefix="eval/")
-                name = args.metric_for_best_model
-                current = eval_metrics.get(name.removeprefix("eval_"))
-                if current is not None and is_better(current, best_metric, name):
-                    best_metric, best_ckpt = current, ckpt.checkpoint_dir(run_dir, step)
-            save_now = args.save_strategy != "no" and (step % args.save_steps == 0 or step == total_steps)
-            if save_now:
-                state = {"global_step": step, "total_steps": total_steps, "data": batcher.state_dict(),
-                         "best_metric": best_metric, "best_model_checkpoint": str(best_ckpt) if best_ckpt else None}
-                path = save_checkpoint(policy, run_dir, step, tokenizer=tokenizer, args=args,
-                                       trainer_state=state, best=best_ckpt if best_ckpt and best_ckpt.exists() else None)
+                best.update(schedule, eval_metrics, ckpt.checkpoint_dir(run_dir, step))
+            if schedule.save_now(step):
+                state = {"global_step": step, "total_steps": schedule.total_steps, "data": batcher.state_dict(),
+                         "best_metric": best.metric,
+                         "best_model_checkpoint": str(best.checkpoint) if best.checkpoint else None}
+                path = save_checkpoint({"policy": policy}, run_dir, step, plan=plan, tokenizer=tokenizer,
+                                       args=args, trainer_state=state, best=best)
                 logger.info("saved %s", path)
     finally:
         tracker.close()
-        policy.shutdown()
-    last = ckpt.latest_checkpoint(run_dir)
-    logger.info("last_model_checkpoint: %s", last)
-    logger.info("best_model_checkpoint: %s", best_ckpt if best_ckpt and best_ckpt.exists() else last)
+        roles.shutdown()
+    finish(run_dir, best)
     return run_dir
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None

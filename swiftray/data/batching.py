@@ -5,7 +5,8 @@ A "unit" is what one row of a micro-batch holds: one sample, or with
 `seed + epoch`, so the order is a pure function of (seed, epoch) and resuming
 needs only (epoch, position). A step takes world_size x accumulation x
 micro_batch units; the last step of an epoch is filled from the epoch's start,
-as torch's DistributedSampler pads, so every rank always has full work.
+as torch's DistributedSampler pads, so every rank always has full work. A dataset smaller
+than one step trains in partial steps (empty micro-batch slots get a row without loss tokens).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class StepBatcher:
         return self.micro_batch_size * self.world_size * self.accumulation
 
     @property
+    def num_units(self) -> int:
+        """Rows per epoch: samples, or packs with --packing."""
+        return len(self._units)
+
+    @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self._units) / self.units_per_step)
 
@@ -62,8 +68,10 @@ class StepBatcher:
         """Micro-batches for each rank: result[rank][k] is a collated batch."""
         need = self.units_per_step
         chosen = self._units[self.position:self.position + need]
-        if len(chosen) < need:  # epoch tail: pad from the epoch's start
+        if len(chosen) < need and len(self._units) >= need:  # epoch tail: pad from the epoch's start
             chosen = chosen + self._units[: need - len(chosen)]
+        # An epoch smaller than one step trains as one partial step (as ms-swift's last batch does):
+        # micro-batch slots left empty get a filler row that has no loss tokens.
         self.position += need
         if self.position >= len(self._units):
             self.epoch += 1
@@ -78,6 +86,10 @@ class StepBatcher:
         return per_rank
 
     def _collate(self, units: list[list[int]]) -> dict[str, torch.Tensor]:
+        if not units:  # a slot of a partial step: every rank still runs the same number of micro-batches
+            first = self.samples[0]
+            return collate([{"input_ids": first["input_ids"], "labels": [-100] * len(first["input_ids"])}],
+                           pad_token_id=self.pad_token_id, packing=False, attn_impl=self.attn_impl)
         if self.packing:
             return collate([[self.samples[i] for i in unit] for unit in units],
                            pad_token_id=self.pad_token_id, packing=True, attn_impl=self.attn_impl)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -14,29 +13,25 @@ from swiftray.data.template import SampleTooLongError, Template
 logger = logging.getLogger("swiftray")
 
 
-def _columns(args: Any) -> dict[str, str] | None:
-    if not args.columns:
-        return None
-    if isinstance(args.columns, dict):
-        return args.columns
-    try:
-        return json.loads(args.columns)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--columns {args.columns!r}: expected a JSON object like '{{\"old\": \"new\"}}'") from err
-
-
-def load_train_val(args: Any, *, allow_no_response: bool = False,
+def load_train_val(data: Any, *, allow_no_response: bool = False,
                    required_columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
-    """Normalised rows from --dataset / --val_dataset / --split_dataset_ratio."""
-    common = dict(seed=args.data_seed, columns=_columns(args), num_proc=args.dataset_num_proc,
-                  allow_no_response=allow_no_response, strict=args.strict,
-                  required_columns=list(required_columns), model_name=args.model_name,
-                  model_author=args.model_author)
-    train = load_datasets(args.dataset, shuffle=args.dataset_shuffle, **common)
-    val = load_datasets(args.val_dataset, shuffle=False, **common) if args.val_dataset else None
-    if val is None and args.split_dataset_ratio > 0:
-        train, val = split_train_val(train, args.split_dataset_ratio, seed=args.data_seed)
+    """Normalised rows from the run plan's data section (--dataset / --val_dataset / --split_dataset_ratio)."""
+    common = dict(seed=data.seed, columns=dict(data.columns) or None, num_proc=data.num_proc,
+                  allow_no_response=allow_no_response, strict=data.strict,
+                  required_columns=list(required_columns),
+                  model_name=list(data.model_name) if data.model_name else None,
+                  model_author=list(data.model_author) if data.model_author else None)
+    train = load_datasets(list(data.dataset), shuffle=data.shuffle, **common)
+    val = load_datasets(list(data.val_dataset), shuffle=False, **common) if data.val_dataset else None
+    if val is None and data.split_dataset_ratio > 0:
+        train, val = split_train_val(train, data.split_dataset_ratio, seed=data.seed)
     return train, val
+
+
+def make_template(tokenizer: Any, plan: Any) -> Template:
+    """The chat template and loss-mask rules of the run plan's template section."""
+    return Template(tokenizer, default_system=plan.system, max_length=plan.max_length,
+                    truncation_strategy=plan.truncation_strategy, loss_scale=plan.loss_scale)
 
 
 def encode_dataset(ds: Dataset, template: Template, *, num_proc: int = 1,

@@ -155,6 +155,9 @@ class HFEngine:
             self.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Weights back on the GPU (the hf engine has no separate KV cache to restore)."""
+        if tags is not None and "weights" not in tags:
+            return
         if torch.cuda.is_available() and not next(self.model.parameters()).is_cuda:
             self.model.to("cuda")

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
 
 def resolve_dtype(name: str | None) -> torch.dtype | str:
+    """A dtype name (ms-swift's short ones too) -> torch; unset: float32 on CPU, the checkpoint's on GPU."""
+    from swiftray.models.loader import DTYPES
+
     if name in (None, "auto"):
         return torch.float32 if not torch.cuda.is_available() else "auto"
     if name not in DTYPES:
@@ -24,9 +24,12 @@ def is_adapter_dir(path: str) -> bool:
 
 
 def load_inference_model(model_dir: str, adapters: list[str] | None = None, *, torch_dtype: str | None = None,
-                         merge: bool = False, device: str | None = None) -> tuple[Any, Any]:
+                         merge: bool = False, device: str | None = None,
+                         attn_impl: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode. A full-weights checkpoint passed as an adapter is loaded as the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swiftray.models.loader import ATTN_IMPLS
 
     adapters = list(adapters or [])
     if adapters and not is_adapter_dir(adapters[0]) and os.path.isfile(os.path.join(adapters[0], "config.json")):
@@ -34,7 +37,8 @@ def load_inference_model(model_dir: str, adapters: list[str] | None = None, *, t
     for path in adapters:
         if not is_adapter_dir(path):
             raise ValueError(f"--adapters {path}: no adapter_config.json there (not a LoRA checkpoint)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(torch_dtype))
+    kwargs = {"attn_implementation": ATTN_IMPLS[attn_impl]} if attn_impl else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(torch_dtype), **kwargs)
     tokenizer_dir = adapters[0] if adapters and os.path.isfile(os.path.join(adapters[0], "tokenizer_config.json")) \
         else model_dir
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

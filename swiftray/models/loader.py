@@ -14,9 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The one dtype table: ms-swift's names (long and short) -> torch.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 # ms-swift's names for the attention implementation -> transformers' names.
-ATTN_IMPLS = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2"}
+ATTN_IMPLS = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2",
+              "flash_attention_2": "flash_attention_2"}
 TRAIN_TYPES = ("full", "lora", "dora", "qlora")
 
 

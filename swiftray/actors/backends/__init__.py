@@ -15,7 +15,8 @@ __all__ = ["BACKENDS", "Backend", "adamw_factory", "make_backend"]
 
 
 def make_backend(name: str, module: torch.nn.Module, make_optimizer: OptimizerFactory, *,
-                 max_grad_norm: float, device: torch.device, deepspeed: str = "zero2") -> Backend:
+                 max_grad_norm: float, device: torch.device, deepspeed: str = "zero2",
+                 fsdp_reshard_after_forward: bool = True, fsdp_offload: bool = False) -> Backend:
     """Wrap `module` for training on this rank; the process group must already exist."""
     if name == "ddp":
         from .ddp import DDPBackend
@@ -24,7 +25,8 @@ def make_backend(name: str, module: torch.nn.Module, make_optimizer: OptimizerFa
     if name == "fsdp2":
         from .fsdp import FSDP2Backend
 
-        return FSDP2Backend(module, make_optimizer, max_grad_norm=max_grad_norm, device=device)
+        return FSDP2Backend(module, make_optimizer, max_grad_norm=max_grad_norm, device=device,
+                            reshard_after_forward=fsdp_reshard_after_forward, offload=fsdp_offload)
     if name == "deepspeed":
         if device.type == "cpu":
             # DeepSpeed picks its accelerator at import; on a CPU-only rank it must be "cpu".

@@ -124,22 +124,25 @@ class Backend:
                        optim_state_dict=state["optim"], options=self._state_options())
 
     # --- memory for colocated roles --------------------------------------------------------
-    def offload(self) -> None:
-        """Move weights and optimizer state to CPU (a no-op when training on CPU)."""
-        self._move(torch.device("cpu"))
+    def offload(self, model: bool = True, optimizer: bool = True) -> None:
+        """Move the weights and/or the optimizer state to CPU memory (a no-op when training on CPU)."""
+        self._offloaded = (model, optimizer)
+        self._move(torch.device("cpu"), model, optimizer)
 
     def onload(self) -> None:
-        self._move(self.device)
+        """Bring back what offload() moved."""
+        model, optimizer = getattr(self, "_offloaded", (False, False))
+        self._move(self.device, model, optimizer)
+        self._offloaded = (False, False)
 
-    def _move(self, device: torch.device) -> None:
+    def _move(self, device: torch.device, model: bool, optimizer: bool) -> None:
         if self.device.type == "cpu":
             return
-        self.model.to(device)
-        for state in self.optimizer.state.values():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and key != "step":
-                    state[key] = value.to(device, non_blocking=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        else:
-            torch.cuda.empty_cache()
+        if model:
+            self.model.to(device)
+        if optimizer:
+            for state in self.optimizer.state.values():
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and key != "step":
+                        state[key] = value.to(device, non_blocking=True)
+        torch.cuda.synchronize()

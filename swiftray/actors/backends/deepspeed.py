@@ -124,9 +124,14 @@ class DeepSpeedBackend(Backend):
         if loaded is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag {_CHECKPOINT_TAG!r}) to resume from")
 
-    def offload(self) -> None:
-        if self.device.type != "cpu":
-            self.engine.offload_states()
+    def offload(self, model: bool = True, optimizer: bool = True) -> None:
+        if self.device.type == "cpu" or not (model or optimizer):
+            return
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as State
+
+        include = ([State.lp_params, State.hp_params, State.lp_grads] if model else []) + (
+            [State.optim_states] if optimizer else [])
+        self.engine.offload_states(include=include)
 
     def onload(self) -> None:
         if self.device.type != "cpu":
