@@ -15,7 +15,6 @@ listed in swiftray/compat.py; values are checked before Ray starts and before an
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -315,9 +314,6 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
     fsdp = parse_fsdp(args.fsdp, on_gpu)
     rl = algorithm.data_source == "rollouts"
     if rl:
-        if args.use_vllm and importlib.util.find_spec("vllm") is None:
-            raise ArgumentError("--use_vllm true: vLLM is not installed here (on GPUs: pip install 'swiftray[vllm]'; "
-                                "on CPU: bash scripts/setup_vllm_cpu.sh, then use .venv-vllm)")
         batch = _rl_batch(args, world)
         if args.async_generate and algorithm.max_staleness < 1:
             raise ArgumentError(f"--async_generate: {algorithm.name} allows no stale rollouts")

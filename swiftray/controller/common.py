@@ -6,6 +6,7 @@ A run goes: flags -> plan (every value checked, nothing started) -> data (every 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ import torch
 from swiftray import checkpoint as ckpt
 from swiftray.actors.group import ActorGroup
 from swiftray.algorithms.base import Algorithm
+from swiftray.arguments import ArgumentError
 from swiftray.cluster import init_ray
 from swiftray.paths import absolute
 from swiftray.placement import Cluster, cluster_from_environment, cluster_from_ray
@@ -57,12 +59,21 @@ def plan_or_print(args: Any, algorithm: Algorithm, train_units: int, command: st
     if args.print_plan:
         print(describe(plan))
         return None
+    check_installed(plan)
     if not ray.is_initialized():
         init_ray(None)
         plan = build_plan(args, algorithm, cluster_from_ray(), train_units, command)
     for note in plan.notes:
         logger.warning(note)
     return plan
+
+
+def check_installed(plan: RunPlan) -> None:
+    """What the plan needs on this machine (planning a cluster's layout from a laptop needs none of it)."""
+    rollout = plan.role("rollout")
+    if rollout is not None and rollout.config.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ArgumentError("--use_vllm true: vLLM is not installed here (on GPUs: pip install 'swiftray[vllm]'; "
+                            "on CPU: bash scripts/setup_vllm_cpu.sh, then run from .venv-vllm)")
 
 
 def start_run(args: Any, plan: RunPlan) -> Path:
