@@ -197,3 +197,19 @@ def test_chunked_loss_saves_only_its_inputs_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         generalized_jsd(student, teacher, 0.5).mean()
     assert sum(saved) > 4 * student.numel()  # the plain formula keeps several [N, V] buffers
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_agrees_with_trls_generalized_jsd_loss_where_installed(beta, monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    gkd_trainer = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    gen = torch.Generator().manual_seed(11)
+    student = torch.randn(3, 6, 11, dtype=torch.float64, generator=gen)
+    teacher = torch.randn(3, 6, 11, dtype=torch.float64, generator=gen)
+    labels = torch.randint(0, 11, (3, 6), generator=gen)
+    labels[torch.rand(3, 6, generator=gen) < 0.4] = -100
+    want = gkd_trainer.GKDTrainer.generalized_jsd_loss(
+        student, teacher, labels=labels, beta=beta, temperature=0.7
+    )
+    got, _ = generalized_jsd_loss(student, teacher, labels != -100, beta=beta, temperature=0.7, chunk_size=4)
+    assert float(got) == pytest.approx(float(want), abs=1e-12)
