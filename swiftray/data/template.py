@@ -79,7 +79,11 @@ def parse_loss_scale(loss_scale: str) -> tuple[str, bool]:
 
 
 class Template:
-    """Encodes conversations for training (`encode`) and for generation (`encode_prompt`)."""
+    """Encodes conversations for training (`encode`) and for generation (`encode_prompt`).
+
+    `training_template` renders training samples instead of the default: TRL's training variant
+    when the tokenizer's template is a known official one, else the tokenizer's template.
+    """
 
     def __init__(
         self,
