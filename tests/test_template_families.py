@@ -1,6 +1,7 @@
 """Every chat template TRL ships a training variant for, against transformers' assistant mask.
 
-For each `trl/chat_templates/*_training.jinja`, the tiny tokenizer gets the family's
+For each `trl/chat_templates/*_training.jinja` (and each official template that already has
+`{% generation %}` blocks: LFM2.5), the tiny tokenizer gets the family's
 special tokens (each `<|...|>`-style string in the template becomes one token) and its
 bos/eos, and a corpus of conversations (system prompt, several turns, think content,
 empty think, tool calls and results) is encoded. The expected labels are computed here
@@ -34,6 +35,10 @@ from swiftray.data.template import IGNORE_INDEX, Template
 
 TRL = trl_template_dir()
 TRAINING = sorted(p.stem.removesuffix("_training") for p in TRL.glob("*_training.jinja"))
+# Templates with generation blocks: every training variant, and official templates that have them already.
+MARKED = {**{f: TRL / f"{f}_training.jinja" for f in TRAINING},
+          **{p.stem: p for p in TRL.glob("*.jinja")
+             if not p.stem.endswith("_training") and re.search(r"\{%-?\s*generation", p.read_text(encoding="utf-8"))}}
 # Strings a template writes that the family's tokenizer has as single tokens.
 _TOKEN_RE = re.compile(r"<\|[^<>|\s]{1,40}\|>|<｜[^<>｜]{1,40}｜>|</?[a-z_]{2,30}>|<\|[a-z_]{2,20}>|<[a-z_]{2,20}\|>"
                        r"|\[/?INST\]|</?s>|<\|\"\|>")
@@ -189,9 +194,9 @@ def trained_text(tok, encoded: dict[str, list[int]]) -> list[str]:
     return [tok.decode(t) if t != IGNORE_INDEX else "·" for t in encoded["labels"]]
 
 
-@pytest.mark.parametrize("family", TRAINING)
+@pytest.mark.parametrize("family", sorted(MARKED))
 def test_labels_equal_the_assistant_mask_up_to_the_convention(tiny_tokenizer, family):
-    text = (TRL / f"{family}_training.jinja").read_text(encoding="utf-8")
+    text = MARKED[family].read_text(encoding="utf-8")
     tok = family_tokenizer(tiny_tokenizer, family, text)
     plain = family_tokenizer(tiny_tokenizer, family, strip_markers(text))
     marked, unmarked = Template(tok), Template(plain)
