@@ -1,28 +1,40 @@
 """Turn chat messages into token ids and loss labels, using the tokenizer's own chat template.
 
-The whole conversation is rendered once with `apply_chat_template(tokenize=False)`
-and tokenised once, so the ids are exactly what the model sees at inference.
-Which characters get loss is decided on the rendered text:
+The whole conversation is rendered once with the chat template and tokenised once,
+so the ids are exactly what the model sees. Which characters get loss is decided on
+the rendered text (`swiftray/data/assistant_spans.py` finds each assistant turn, by the
+template's `{% generation %}` markers or by its header and end tokens, trimmed to one
+convention for every family), and a token gets loss when the character it starts at
+does (offset mapping).
 
-- the assistant header (`<|im_start|>assistant\\n` for Qwen) is found by
-  diffing a probe conversation rendered with and without the generation prompt;
-- each assistant turn runs from the end of its header through the next eos
-  token (`<|im_end|>`), so the model learns to stop;
-- a token gets loss when the character it starts at does (offset mapping).
+Training samples are rendered with TRL's training variant of the template when the
+tokenizer's template is a known official one (`swiftray/data/chat_templates.py`): the
+same text plus markers, and for DeepSeek-R1 the reasoning that the official template
+strips. Prompts for generation (`encode_prompt`) always use the tokenizer's template,
+so they equal `apply_chat_template(..., add_generation_prompt=True)`.
 
 Loss scales follow ms-swift's `--loss_scale`: a base strategy (`default`: every
 assistant turn; `last_round`: only assistant turns after the last user or tool
 message; `all`: every token), optionally chained with `+ignore_empty_think`
-(no loss on an empty `<think>\\n\\n</think>\\n\\n` at the start of a turn).
+(no loss on an empty `<think>\\n\\n</think>\\n\\n` at the start of a turn, or on the
+`\\n</think>\\n\\n` that closes one the generation prompt opened).
 A message's own `loss: true/false` field overrides the strategy for that turn.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from swiftray.data.assistant_spans import TurnFinder
+from swiftray.data.chat_templates import family_name, training_variant
+
+logger = logging.getLogger("swiftray")
 
 IGNORE_INDEX = -100
 BASE_STRATEGIES = ("default", "last_round", "all")
@@ -33,6 +45,12 @@ ROLES = ("system", "user", "assistant", "tool")
 _LOSS_SCALE_ALIASES = {"last_round_with_ignore_empty_think": "last_round+ignore_empty_think"}
 # Same pattern as ms-swift's ignore_empty_think config, matched at the start of an assistant turn.
 _EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
+_OPENED_THINK = re.compile(r"<think>\s*\Z")  # the generation prompt opened the block (DeepSeek-R1)
+_CLOSE_EMPTY_THINK = re.compile(r"\s*</think>\s*")
+_MARKER = re.compile(r"<[^<>\s]{1,40}>")  # special-token-like strings: <|im_start|>, <think>
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# What a chat template raises on a conversation it cannot render (raise_exception, missing fields).
+_TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError)
 
 Messages = list[dict[str, Any]]
 
@@ -61,7 +79,11 @@ def parse_loss_scale(loss_scale: str) -> tuple[str, bool]:
 
 
 class Template:
-    """Encodes conversations for training (`encode`) and for generation (`encode_prompt`)."""
+    """Encodes conversations for training (`encode`) and for generation (`encode_prompt`).
+
+    `training_template` renders training samples instead of the default: TRL's training variant
+    when the tokenizer's template is a known official one, else the tokenizer's template.
+    """
 
     def __init__(
         self,
@@ -71,6 +93,7 @@ class Template:
         max_length: int | None = None,
         truncation_strategy: str = "delete",
         loss_scale: str = "default",
+        training_template: str | None = None,
     ):
         if truncation_strategy not in TRUNCATION_STRATEGIES:
             raise ValueError(
@@ -79,16 +102,30 @@ class Template:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("Template needs a fast tokenizer (it uses offset mappings)")
         if not tokenizer.chat_template:
-            raise ValueError("the tokenizer has no chat_template")
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has no eos_token: cannot tell where an assistant turn ends")
+            raise ValueError(f"the tokenizer of {tokenizer.name_or_path!r} has no chat_template "
+                             "(give one with --template NAME or --template FILE.jinja)")
         self.tokenizer = tokenizer
         self.default_system = default_system
         self.max_length = max_length
         self.truncation_strategy = truncation_strategy
         self.loss_scale = loss_scale
         self.base_strategy, self.ignore_empty_think = parse_loss_scale(loss_scale)
-        self.assistant_header = self._find_assistant_header()
+
+        chat_template = tokenizer.get_chat_template()
+        known = training_variant(chat_template)
+        self.training_template = training_template or (known[1] if known else chat_template)
+        name = known[0] if known else family_name(self.training_template)
+        self.describe = (f"chat template {name!r}" if name
+                         else f"the chat template of {tokenizer.name_or_path!r}")
+        self.marked = _GENERATION_TAG.search(self.training_template) is not None
+        # Multimodal templates read contents as [{"type": "text", "text": ...}] blocks.
+        self.text_blocks = self._needs_text_blocks()
+        atoms = [*tokenizer.get_added_vocab(), *tokenizer.all_special_tokens]
+        self.turns = TurnFinder(self._render_probe, atoms, self.describe, marked=self.marked)
+        split = [m for m in _MARKER.findall(self.turns.gen_prompt) if len(tokenizer.tokenize(m)) > 1]
+        if split:
+            logger.warning("%s writes %s, which this tokenizer splits into several tokens: is it the "
+                           "template of this model?", self.describe, ", ".join(split))
 
     # ----------------------------------------------------------------- public API
 
@@ -100,8 +137,12 @@ class Template:
         messages = self._prepare(messages)
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError("the conversation has no assistant message to train on")
-        text = self._render(messages, tools=tools)
-        char_loss = self._char_loss_mask(text, messages)
+        if self.marked:
+            text, marks = self._render_marked(messages, tools)
+        else:
+            text, marks = self._render_training(messages, tools=tools), None
+        spans = self.turns.assistant_spans(messages, text, marks, tools)
+        char_loss = self._char_loss_mask(text, messages, spans)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = list(enc["input_ids"])
         labels = [
@@ -114,32 +155,64 @@ class Template:
     def encode_prompt(
         self, messages: Messages, enable_thinking: bool | None = None, *, tools: list[dict] | None = None
     ) -> list[int]:
-        """Ids of the conversation followed by the generation prompt; a final assistant turn is dropped."""
+        """Ids of the conversation followed by the generation prompt; a final assistant turn is dropped.
+
+        Rendered with the tokenizer's own chat template, as `apply_chat_template(...,
+        add_generation_prompt=True)` does.
+        """
         messages = self._prepare(messages)
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        text = self._render(messages, tools=tools, add_generation_prompt=True, **kwargs)
+        text = self._render(messages, None, tools=tools, add_generation_prompt=True, **kwargs)
         return self._truncate(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
 
-    # ----------------------------------------------------------------- internals
+    # ----------------------------------------------------------------- rendering
 
-    def _render(self, messages: Messages, **kwargs: Any) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    def _render(self, messages: Messages, chat_template: str | None, **kwargs: Any) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
+                                                      **kwargs)
+        except _TEMPLATE_ERRORS as err:
+            raise ValueError(f"{self.describe} cannot render this conversation: {_one_line(err)}") from err
 
-    def _find_assistant_header(self) -> str:
-        """The text that opens an assistant turn: what add_generation_prompt appends to a conversation."""
-        probe = [{"role": "user", "content": "Hi"}]
-        closed = self._render(probe)
-        opened = self._render(probe, add_generation_prompt=True)
-        if not opened.startswith(closed) or opened == closed:
-            raise ValueError(
-                "cannot find the assistant header: the chat template's generation prompt is not a suffix"
-            )
-        return opened[len(closed) :]
+    def _render_training(self, messages: Messages, **kwargs: Any) -> str:
+        return self._render(messages, self.training_template, **kwargs)
+
+    def _render_marked(self, messages: Messages, tools: list[dict] | None) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character span of every {% generation %} block."""
+        try:
+            (text,), (marks,) = render_jinja_template(
+                conversations=[messages], tools=tools, chat_template=self.training_template,
+                return_assistant_tokens_mask=True, **self.tokenizer.special_tokens_map)
+        except _TEMPLATE_ERRORS as err:
+            raise ValueError(f"{self.describe} cannot render this conversation: {_one_line(err)}") from err
+        return text, marks
+
+    def _render_probe(self, messages: Messages, **kwargs: Any) -> str:
+        """Render a probe conversation (TurnFinder's) as encode would: text blocks where the template needs them."""
+        return self._render_training(_as_text_blocks(messages) if self.text_blocks else messages, **kwargs)
+
+    def _needs_text_blocks(self) -> bool:
+        """True when the template drops or rejects plain-string contents but renders text blocks (VLM templates)."""
+        probe = [{"role": "user", "content": "Probe question?"}, {"role": "assistant", "content": "Probe answer."}]
+        for blocks in (False, True):
+            try:
+                text = self._render_training(_as_text_blocks(probe) if blocks else probe)
+            except ValueError as err:
+                failure = f"a one-turn conversation fails ({_one_line(err.__cause__ or err)})"
+                continue
+            if "Probe question?" in text and "Probe answer." in text:
+                return blocks
+            failure = f"it drops the message contents of a one-turn conversation (renders {text[:200]!r})"
+        raise ValueError(f"{self.describe} cannot be used: {failure}")
 
     def _prepare(self, messages: Messages) -> Messages:
-        """Check roles and contents; add the default system prompt when the row has none."""
+        """Check roles and contents; add the default system prompt when the row has none.
+
+        Keys set to None (a column other rows of the dataset have) are dropped: templates test
+        for their presence.
+        """
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"messages must be a non-empty list of dicts, got {type(messages).__name__}")
         for i, m in enumerate(messages):
@@ -150,29 +223,22 @@ class Template:
             )
             if not content_ok:
                 raise ValueError(f"messages[{i}] ({m['role']}): field 'content' must be a string")
-        messages = [dict(m) for m in messages]  # never modify the caller's rows
+        # never modify the caller's rows
+        messages = [{k: v for k, v in m.items() if v is not None or k == "content"} for m in messages]
         if messages[0]["role"] != "system" and self.default_system is not None:
             messages.insert(0, {"role": "system", "content": self.default_system})
-        return messages
+        return _as_text_blocks(messages) if self.text_blocks else messages
 
-    def _char_loss_mask(self, text: str, messages: Messages) -> bytearray:
+    # ----------------------------------------------------------------- labels
+
+    def _char_loss_mask(self, text: str, messages: Messages, spans: list[tuple[int, int]]) -> bytearray:
         """One byte per character of `text`: 1 where the character is trained on."""
         mask = bytearray([self.base_strategy == "all"]) * len(text)
         last_query = max((i for i, m in enumerate(messages) if m["role"] in ("user", "tool")), default=-1)
         assistant_idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        starts = _find_all(text, self.assistant_header)
-        if len(starts) != len(assistant_idx):
-            raise ValueError(
-                f"found {len(starts)} assistant headers {self.assistant_header!r} in the rendered conversation, "
-                f"expected {len(assistant_idx)} (one per assistant message)"
-            )
-        eos = self.tokenizer.eos_token
-        for i, header_at in zip(assistant_idx, starts):
-            start = header_at + len(self.assistant_header)
-            end = text.find(eos, start)
-            if end < 0:
-                raise ValueError(f"messages[{i}]: the rendered assistant turn does not end with {eos!r}")
-            end += len(eos)
+        for i, (start, end) in zip(assistant_idx, spans):
+            if end <= start:
+                continue
             explicit = messages[i].get("loss")
             train = (
                 bool(explicit)
@@ -180,8 +246,8 @@ class Template:
                 else (self.base_strategy != "last_round" or i > last_query)
             )
             mask[start:end] = bytes([train]) * (end - start)
-            if self.ignore_empty_think and (empty := _EMPTY_THINK.match(text, start, end)):
-                mask[start : empty.end()] = bytes(empty.end() - start)
+            if self.ignore_empty_think and (empty := _empty_think_at(text, start, end)):
+                mask[start:empty] = bytes(empty - start)
         return mask
 
     def _truncate(self, ids: list[int]) -> list[int]:
@@ -192,6 +258,19 @@ class Template:
         return ids[-self.max_length :] if self.truncation_strategy == "left" else ids[: self.max_length]
 
 
-def _find_all(text: str, sub: str) -> list[int]:
-    """Start offsets of every non-overlapping occurrence of `sub` in `text`."""
-    return [m.start() for m in re.finditer(re.escape(sub), text)]
+def _empty_think_at(text: str, start: int, end: int) -> int | None:
+    """End of an empty think block at `start` (or of the close of one the generation prompt opened)."""
+    if m := _EMPTY_THINK.match(text, start, end):
+        return m.end()
+    if _OPENED_THINK.search(text, max(0, start - 16), start) and (m := _CLOSE_EMPTY_THINK.match(text, start, end)):
+        return m.end()
+    return None
+
+
+def _as_text_blocks(messages: Messages) -> Messages:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages]
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__

@@ -49,12 +49,22 @@ def _require(package: str, feature: str, needs_cuda: bool) -> None:
         raise RuntimeError(f"{feature} needs {' and '.join(missing)}; this machine lacks it.")
 
 
-def load_tokenizer(model_dir: str):
-    """The checkpoint's tokenizer; a missing pad token falls back to the EOS token."""
+def load_tokenizer(model_dir: str, template: str | None = None):
+    """The checkpoint's tokenizer; a missing pad token falls back to the EOS token.
+
+    `template` (ms-swift's `--template`) replaces the checkpoint's chat template: a family name
+    (`qwen3`, `deepseek_r1`, `phi3`, `gpt_oss`, ...: swiftray/data/chat_templates.py) or the path
+    of a Jinja file. An unknown name raises ValueError listing the known ones.
+    """
     from transformers import AutoTokenizer
 
+    from swiftray.data.chat_templates import resolve_chat_template
+
     _check_dir(model_dir)
+    chat_template = resolve_chat_template(template) if template else None  # fail before the slow load
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
