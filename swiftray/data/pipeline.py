@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from datasets import Dataset
 
+from swiftray.data.formats import normalize_row
 from swiftray.data.loader import load_datasets, split_train_val
 from swiftray.data.template import SampleTooLongError, Template
 
@@ -25,11 +27,12 @@ def _columns(args: Any) -> dict[str, str] | None:
         raise ValueError(f"--columns {args.columns!r}: expected a JSON object like '{{\"old\": \"new\"}}'") from err
 
 
-def load_train_val(args: Any, *, allow_no_response: bool = False,
-                   required_columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
-    """Normalised rows from --dataset / --val_dataset / --split_dataset_ratio."""
+def load_train_val(args: Any, *, allow_no_response: bool = False, required_columns: tuple[str, ...] = (),
+                   normalize: Callable[..., dict[str, Any]] = normalize_row) -> tuple[Dataset, Dataset | None]:
+    """Normalised rows from --dataset / --val_dataset / --split_dataset_ratio; `normalize` reads a row
+    (preference.normalize_pair_row / normalize_kto_row for preference data)."""
     common = dict(seed=args.data_seed, columns=_columns(args), num_proc=args.dataset_num_proc,
-                  allow_no_response=allow_no_response, strict=args.strict,
+                  allow_no_response=allow_no_response, strict=args.strict, normalize=normalize,
                   required_columns=list(required_columns), model_name=args.model_name,
                   model_author=args.model_author)
     train = load_datasets(args.dataset, shuffle=args.dataset_shuffle, **common)
