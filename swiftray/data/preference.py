@@ -16,11 +16,11 @@ An optional ``margin`` column (reward models) must be a number. KTO rows are any
 true/false, 1/0 or their strings. Every problem is a ``DatasetFormatError`` naming file, line and field.
 
 Encoding: a side's prompt is its conversation up to the last user turn, encoded with the generation
-prompt as at inference (``Template.encode_prompt``); its completion is what follows, with the template's
-SFT labels (``--loss_scale``). Rows are laid out chosen, rejected, chosen, rejected ... (KTO: example, its
-mismatched KL completion ...), with ``prompt_lens``: a pair is a group of two completions sharing a prompt,
-so prompt sharing (``models/prompt_sharing.py``) computes the prompt once, and any even split of the rows
-(``experience.split_for_ranks``) keeps pairs whole.
+prompt as at inference (``Template.encode_prompt``); its completion is what follows, up to the final
+eos, with the template's SFT labels (``--loss_scale``). Rows are laid out chosen, rejected, chosen,
+rejected ... (KTO: example, its mismatched KL completion ...), with ``prompt_lens``: a pair is a group of
+two completions sharing a prompt, so prompt sharing (``models/prompt_sharing.py``) computes the prompt
+once, and any even split of the rows (``experience.split_for_ranks``) keeps pairs whole.
 """
 
 from __future__ import annotations
@@ -204,7 +204,8 @@ def normalize_kto_row(row: dict[str, Any], *, source: str = "<row>", index: int 
 
 
 def encode_side(template: Template, messages: list[dict]) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, completion ids, completion labels) of one conversation, truncated to the template's
+    """(prompt ids, completion ids, completion labels) of one conversation. The completion ends at its last
+    trained token (the template's text after the final eos is dropped). Truncated to the template's
     max_length: ``delete`` raises SampleTooLongError, ``right`` cuts the completion's end, ``left`` the
     prompt's start (a side that would lose its whole prompt or completion is too long either way)."""
     split = _last_user(messages) + 1
@@ -216,7 +217,10 @@ def encode_side(template: Template, messages: list[dict]) -> tuple[list[int], li
         raise ValueError("the chat template does not render the prompt as a prefix of the whole conversation, "
                          "so the prompt's tokens cannot be shared by chosen and rejected")
     completion, labels = full["input_ids"][len(prompt):], full["labels"][len(prompt):]
-    limit, total = template.max_length, len(full["input_ids"])
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if trained:  # end at the eos, as a generated completion does (a reward model scores the last token)
+        completion, labels = completion[: trained[-1] + 1], labels[: trained[-1] + 1]
+    limit, total = template.max_length, len(prompt) + len(completion)
     if limit is not None and total > limit:
         strategy = template.truncation_strategy
         if strategy == "right" and limit > len(prompt):
