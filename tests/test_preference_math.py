@@ -426,3 +426,39 @@ def test_reward_model_loss_matches_bradley_terry(with_margin, coef):
     for i in range(n):  # d/dr_c: -σ(-(r_c - r_r - m)) / n + 2 coef (r_c + r_r) / n
         grad = -sig(-(rc[i] - rr[i] - margin[i])) / n + (2 * (coef or 0) * (rc[i] + rr[i]) / n)
         assert c.grad[i, 0].item() == pytest.approx(grad, **TOL)
+
+
+def _split_sum(fn, tensors: list[torch.Tensor], global_kw: dict, **kw) -> tuple[float, torch.Tensor]:
+    """fn over 4 slices with the global counts, summed; and d(sum)/d(first tensor)."""
+    first = tensors[0].clone().requires_grad_()
+    total = 0.0
+    n = first.shape[0]
+    for start in range(0, n, n // 4):
+        s = slice(start, start + n // 4)
+        part, _ = fn(first[s], *[x[s] for x in tensors[1:]], **global_kw, **kw)
+        part.backward()
+        total += part.item()
+    return total, first.grad
+
+
+@pytest.mark.parametrize("which", ["kto", "orpo", "cpo", "simpo", "rm"])
+def test_other_losses_split_over_workers_sum_to_one_process(which):
+    pc, pr, rc, _, lc, lr = make_pairs(16, seed=17)
+    labels = torch.tensor([i % 3 == 0 for i in range(16)])
+    cases = {
+        "kto": (kto_loss, [t(pc), t(rc), labels], dict(num_examples_global=16), dict(kl=0.3, beta=0.2)),
+        "orpo": (orpo_loss, [t(pc), t(pr), t(lc), t(lr)], dict(num_pairs_global=16, num_chosen_tokens_global=sum(lc)),
+                 dict(beta=0.3)),
+        "cpo": (cpo_loss, [t(pc), t(pr), t(lc), t(lr)], dict(num_pairs_global=16, num_chosen_tokens_global=sum(lc)),
+                dict(loss_type="sigmoid")),
+        "simpo": (simpo_loss, [t(pc), t(pr), t(lc), t(lr)],
+                  dict(num_pairs_global=16, num_chosen_tokens_global=sum(lc)), dict(cpo_alpha=1.0)),
+        "rm": (reward_model_loss, [t(pc), t(pr)], dict(num_pairs_global=16), dict(center_rewards_coefficient=0.1)),
+    }
+    fn, tensors, global_kw, kw = cases[which]
+    whole_first = tensors[0].clone().requires_grad_()
+    whole, _ = fn(whole_first, *tensors[1:], **kw)
+    whole.backward()
+    total, grad = _split_sum(fn, tensors, global_kw, **kw)
+    assert total == pytest.approx(whole.item(), **TOL)
+    assert torch.allclose(grad, whole_first.grad, rtol=1e-10, atol=1e-13)

@@ -256,8 +256,9 @@ def dpo_loss(
 class RunningMoments:
     """Running mean and standard deviation of a stream (Welford's merge), for ``bco_pair``'s reward shift.
 
-    ``update`` takes the step's rewards (gathered from every worker first, so all workers agree) and
-    returns the new running mean, which ms-swift and TRL use as ``bco_delta`` for the same step.
+    ms-swift and TRL update it once per loss call with one value, the mean of that batch's chosen and
+    rejected rewards ``β (π - ref)``, and pass the new running mean as ``bco_delta`` in the same call. To
+    keep N workers equal to one, update with the step's global mean (the same value on every worker).
     """
 
     mean: float = 0.0
