@@ -188,6 +188,29 @@ def _read_query_response(row: dict, where: str) -> tuple[list[dict], set[str]]:
     return turns, consumed
 
 
+def _clean_turns(turns: list[dict], where: str) -> list[dict[str, str]]:
+    """Drop blank system turns; any other blank turn is an error."""
+    messages = []
+    for turn in turns:
+        if _is_blank(turn["content"]):
+            if turn["role"] == "system":
+                continue  # an empty system prompt means "no system prompt"
+            raise _fail(
+                where,
+                turn["field"],
+                f"empty content in the {turn['role']} turn; expected non-empty text",
+                "empty content",
+            )
+        messages.append({"role": turn["role"], "content": turn["content"]})
+    return messages
+
+
+def read_conversation(value: Any, column: str, where: str) -> list[dict[str, str]]:
+    """A conversation held in another column (``rejected_messages``, ``chosen`` ...), read and checked
+    like ``messages``; errors name ``column``. No rule on which roles it must hold."""
+    return _clean_turns(_read_turns(value, column, where), where)
+
+
 def normalize_row(
     row: dict[str, Any],
     *,
@@ -223,19 +246,7 @@ def normalize_row(
         if not _is_blank(system) and not (turns and turns[0]["role"] == "system"):
             turns.insert(0, {"role": "system", "content": system, "field": "system"})
 
-    messages = []
-    for turn in turns:
-        if _is_blank(turn["content"]):
-            if turn["role"] == "system":
-                continue  # an empty system prompt means "no system prompt"
-            raise _fail(
-                where,
-                turn["field"],
-                f"empty content in the {turn['role']} turn; expected non-empty text",
-                "empty content",
-            )
-        messages.append({"role": turn["role"], "content": turn["content"]})
-
+    messages = _clean_turns(turns, where)
     if not any(m["role"] == "user" for m in messages):
         raise _fail(
             where, conversation or "query", "no user turn; expected at least one user message", "no user turn"

@@ -21,14 +21,17 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import datasets
 import numpy as np
 
 from swiftray.data.builtin import builtin_names, is_builtin, load_builtin
 from swiftray.data.formats import FORMAT_COLUMNS, DatasetFormatError, location, normalize_row
+from swiftray.data.preference import PREFERENCE_COLUMNS
 
 logger = logging.getLogger("swiftray")
 
@@ -197,11 +200,12 @@ def _normalize_one(
     lines: list[int] | None,
     allow_no_response: bool,
     required_columns: tuple[str, ...],
+    normalize: Callable[..., dict[str, Any]] = normalize_row,
 ) -> dict:
     """datasets.map worker: never raises, so that errors survive num_proc > 1 intact."""
     line = lines[index] if lines is not None else None
     try:
-        out = normalize_row(row, source=source, index=index, line=line, allow_no_response=allow_no_response)
+        out = normalize(row, source=source, index=index, line=line, allow_no_response=allow_no_response)
         for col in required_columns:
             if col in row and col not in out:
                 out[col] = row[col]  # a reward needs it even though the format also read it
@@ -215,6 +219,8 @@ def _normalize_one(
     except DatasetFormatError as e:
         # A well-typed placeholder keeps Arrow's inferred schema stable; the row is dropped later.
         out, error, reason = {"messages": [{"role": "user", "content": ""}]}, e.message, e.reason
+        for key in getattr(normalize, "added_columns", ()):  # every row must carry the same keys
+            out[key] = None
     for key in row:  # map keeps columns the worker leaves out: blank the ones a format consumed
         out.setdefault(key, None)
     out[_ERROR], out[_REASON] = error, reason
@@ -239,6 +245,7 @@ def _normalize(
     allow_no_response: bool,
     required_columns: tuple[str, ...],
     num_proc: int,
+    normalize: Callable[..., dict[str, Any]] = normalize_row,
 ) -> datasets.Dataset:
     fn = partial(
         _normalize_one,
@@ -246,6 +253,7 @@ def _normalize(
         lines=lines,
         allow_no_response=allow_no_response,
         required_columns=required_columns,
+        normalize=normalize,
     )
     procs = max(1, min(num_proc, len(ds) // 64))  # worker start-up outweighs tiny shards
     # In-memory sources (built-ins, save_to_disk folders) stay in memory: no cache files in user folders.
@@ -277,7 +285,7 @@ def _normalize(
     # A format column that every row consumed is now all None: drop it.
     empty = [
         c
-        for c in FORMAT_COLUMNS
+        for c in (*FORMAT_COLUMNS, *PREFERENCE_COLUMNS)
         if c in mapped.column_names and c != "messages" and all(v is None for v in mapped[c])
     ]
     mapped = mapped.remove_columns(empty)
@@ -335,12 +343,15 @@ def load_datasets(
     required_columns: list[str] = (),
     model_name: list[str] | None = None,
     model_author: list[str] | None = None,
+    normalize: Callable[..., dict[str, Any]] = normalize_row,
 ) -> datasets.Dataset:
     """Load, normalise, sample and concatenate ``specs``; see the module docstring.
 
     ``columns`` renames raw columns first ({"old": "new"} or its JSON string). ``strict=False``
     drops bad rows and logs a count per reason instead of raising. ``required_columns`` makes a
     row without that column an error. ``model_name``/``model_author`` fill self-cognition.
+    ``normalize`` reads one row (``formats.normalize_row``; ``preference.normalize_pair_row`` or
+    ``normalize_kto_row`` for preference data).
     """
     if isinstance(specs, str):
         specs = [specs]
@@ -373,6 +384,7 @@ def load_datasets(
             allow_no_response=allow_no_response,
             required_columns=tuple(required_columns),
             num_proc=num_proc,
+            normalize=normalize,
         )
         parts.append(sample_rows(ds, spec.sample, rng, shuffle))
     ds = _concatenate(parts, [parse_dataset_spec(s).path for s in specs])

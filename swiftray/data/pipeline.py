@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from datasets import Dataset
 
+from swiftray.data.formats import normalize_row
 from swiftray.data.loader import load_datasets, split_train_val
 from swiftray.data.template import SampleTooLongError, Template
 
 logger = logging.getLogger("swiftray")
 
 
-def load_train_val(data: Any, *, allow_no_response: bool = False,
-                   required_columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
-    """Normalised rows from the run plan's data section (--dataset / --val_dataset / --split_dataset_ratio)."""
+def load_train_val(data: Any, *, allow_no_response: bool = False, required_columns: tuple[str, ...] = (),
+                   normalize: Callable[..., dict[str, Any]] = normalize_row) -> tuple[Dataset, Dataset | None]:
+    """Normalised rows from the run plan's data section (--dataset / --val_dataset / --split_dataset_ratio);
+    `normalize` reads a row (preference.normalize_pair_row / normalize_kto_row for preference data)."""
     common = dict(seed=data.seed, columns=dict(data.columns) or None, num_proc=data.num_proc,
-                  allow_no_response=allow_no_response, strict=data.strict,
+                  allow_no_response=allow_no_response, strict=data.strict, normalize=normalize,
                   required_columns=list(required_columns),
                   model_name=list(data.model_name) if data.model_name else None,
                   model_author=list(data.model_author) if data.model_author else None)

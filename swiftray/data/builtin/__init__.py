@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from swiftray.data.builtin.arithmetic import arithmetic_split, make_arithmetic
+from swiftray.data.builtin.arithmetic_pairs import arithmetic_pairs_split
 from swiftray.data.builtin.self_cognition import SELF_COGNITION_HELDOUT, make_self_cognition
 
 __all__ = [
@@ -15,17 +16,20 @@ __all__ = [
     "make_arithmetic",
     "make_self_cognition",
     "arithmetic_split",
+    "arithmetic_pairs_split",
 ]
 
 SELF_COGNITION = "swift/self-cognition"
 ARITHMETIC = "swiftray/arithmetic"
+ARITHMETIC_PAIRS = "swiftray/arithmetic-pairs"
 # Other names users know the self-cognition set by (its hub ids).
 _ALIASES = {
     "modelscope/self-cognition": SELF_COGNITION,
     "self-cognition": SELF_COGNITION,
     "arithmetic": ARITHMETIC,
+    "arithmetic-pairs": ARITHMETIC_PAIRS,
 }
-_DEFAULT_SUBSET = {SELF_COGNITION: "default", ARITHMETIC: "train"}
+_DEFAULT_SUBSET = {SELF_COGNITION: "default", ARITHMETIC: "train", ARITHMETIC_PAIRS: "train"}
 
 
 def builtin_names() -> list[str]:
@@ -52,6 +56,8 @@ def load_builtin(
     for subset in subsets or [_DEFAULT_SUBSET[canonical]]:
         if canonical == SELF_COGNITION:
             rows += make_self_cognition(subset, model_name=model_name, model_author=model_author)
+        elif canonical == ARITHMETIC_PAIRS:
+            rows += arithmetic_pairs_split(subset)
         else:
             rows += arithmetic_split(subset)
     return rows
