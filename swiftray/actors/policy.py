@@ -355,15 +355,16 @@ class PolicyActor(DistributedWorker):
         if not save_only_model:
             folder = os.path.join(path, "train_state")
             weights, optim, groups = self.backend.gather_train_state()  # collective
+            error = None
             if self.rank == 0:
                 meta = {"global_step": self.global_step, "world_size": self.world_size,
                         "backend": self.backend.name, "param_groups": train_state.to_json(groups),
                         "scheduler": train_state.to_json(self.scheduler.state_dict()),
                         "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total}
-                train_state.write(folder, meta, weights, optim)
+                error = _attempt(train_state.write, folder, meta, weights, optim)
             del weights, optim
-            dist.barrier()  # the folder exists before other ranks write into it
-            train_state.write_rng(folder, self.rank)
+            _all_ranks_succeed(error)  # also: the folder exists before other ranks write into it
+            _all_ranks_succeed(_attempt(train_state.write_rng, folder, self.rank))
         dist.barrier()
         return path
 
@@ -371,10 +372,18 @@ class PolicyActor(DistributedWorker):
         """Restore weights, optimizer, scheduler and RNG from save_checkpoint(path); returns the step.
 
         The actor must be set up with the same model and train type; the number of ranks and the
-        backend may differ from the run that saved it (the state is whole and keyed by name).
+        backend may differ from the run that saved it (the state is whole and keyed by name). Every
+        file is read and checked before anything changes; a problem on any rank fails all of them
+        with the same message (naming the file).
         """
-        meta = train_state.read_meta(path)
-        weights, optim = train_state.read_tensors(path, self.backend.trainable_names())
+        try:
+            meta = train_state.read_meta(path)
+            weights, optim = train_state.read_tensors(path, self.backend.trainable_names())
+            rng = train_state.read_rng(path, self.rank, meta["world_size"])
+            error = None
+        except (OSError, ValueError) as err:
+            error = err
+        _all_ranks_succeed(error)
         groups = [train_state.from_json_group(g) for g in meta["param_groups"]]
         self.backend.restore_train_state(weights, optim, groups, meta["global_step"])  # collective
         del weights, optim
@@ -387,7 +396,7 @@ class PolicyActor(DistributedWorker):
         if meta["world_size"] != self.world_size and self.rank == 0:
             logging.getLogger("swiftray").info("%s: saved by %d ranks, resumed by %d", path, meta["world_size"],
                                                self.world_size)
-        train_state.load_rng(path, self.rank, meta["world_size"])
+        train_state.set_rng(rng)
         dist.barrier()
         return self.global_step
 
@@ -448,6 +457,36 @@ class PolicyActor(DistributedWorker):
 def _accumulate(into: dict, metrics: dict) -> None:
     for key, value in (metrics or {}).items():
         into[key] = into.get(key, 0.0) + float(value)
+
+
+def _attempt(func: Callable, *args: Any) -> Exception | None:
+    """Run func; return the file error it raised (to share with the other ranks) instead of raising it."""
+    try:
+        func(*args)
+    except (OSError, ValueError) as err:
+        return err
+    return None
+
+
+def _all_ranks_succeed(error: Exception | None) -> None:
+    """Collective: raise on every rank if any rank failed, with the lowest failing rank's message.
+
+    A rank that raised alone would leave the others waiting in the next collective."""
+    world = dist.get_world_size()
+    first = torch.tensor([dist.get_rank() if error is not None else world], dtype=torch.int64)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    source = int(first.item())
+    if source == world:
+        return
+    message = f"{error}".encode() if source == dist.get_rank() else b""
+    header = torch.tensor([len(message), int(isinstance(error, FileNotFoundError))], dtype=torch.int64)
+    dist.broadcast(header, src=source)
+    data = torch.tensor(list(message), dtype=torch.uint8) if message else torch.zeros(int(header[0]), dtype=torch.uint8)
+    dist.broadcast(data, src=source)
+    if error is not None and source == dist.get_rank():
+        raise error
+    kind = FileNotFoundError if header[1] else ValueError
+    raise kind(bytes(data.tolist()).decode())
 
 
 def _ensure_process_group() -> None:

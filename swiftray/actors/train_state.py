@@ -20,14 +20,13 @@ refused, never unpickled, since a pickle can run code when loaded.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT = "swiftray.train_state"
@@ -131,25 +130,37 @@ def read_tensors(ckpt: str | Path, names: list[str]) -> tuple[dict[str, torch.Te
     return weights, optim
 
 
-def load_rng(ckpt: str | Path, rank: int, saved_world_size: int) -> None:
-    """Set this process's RNGs from the file of the same rank (rank % saved ranks when the count changed)."""
+def read_rng(ckpt: str | Path, rank: int, saved_world_size: int) -> dict[str, Any]:
+    """The RNG states saved by the same rank (rank % saved ranks when the count changed), checked."""
     path = Path(ckpt) / "train_state" / rng_file(rank % saved_world_size)
     tensors = _load(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
         version, mt_state, gauss = json.loads(metadata["python"])
         name, keys, pos, has_gauss, cached = json.loads(metadata["numpy"])
-        random.setstate((int(version), tuple(int(k) for k in mt_state), gauss))
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-        torch.set_rng_state(tensors["torch"])
+        state = {"python": (int(version), tuple(int(k) for k in mt_state), None if gauss is None else float(gauss)),
+                 "numpy": (str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)),
+                 "torch": tensors["torch"],
+                 "cuda": [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_")),
+                                                     key=lambda k: int(k[5:]))]}
+        # Try them now, so that a malformed state fails before any rank changes anything.
+        current = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        try:
+            set_rng({**state, "cuda": []})
+        finally:
+            set_rng({**current, "cuda": []})
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path}: not a valid RNG state ({type(err).__name__}: {err})") from None
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    return state
+
+
+def set_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -190,7 +201,3 @@ def to_json(value: Any) -> Any:
 def from_json_group(group: dict[str, Any]) -> dict[str, Any]:
     """The inverse of to_json for one param group: lists (betas) back to tuples."""
     return {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
-
-
-def exists(ckpt: str | Path) -> bool:
-    return os.path.isfile(os.path.join(ckpt, "train_state", META))
