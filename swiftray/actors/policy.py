@@ -473,20 +473,23 @@ def _all_ranks_succeed(error: Exception | None) -> None:
 
     A rank that raised alone would leave the others waiting in the next collective."""
     world = dist.get_world_size()
-    first = torch.tensor([dist.get_rank() if error is not None else world], dtype=torch.int64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    first = torch.tensor([dist.get_rank() if error is not None else world], dtype=torch.int64, device=device)
     dist.all_reduce(first, op=dist.ReduceOp.MIN)
     source = int(first.item())
     if source == world:
         return
     message = f"{error}".encode() if source == dist.get_rank() else b""
-    header = torch.tensor([len(message), int(isinstance(error, FileNotFoundError))], dtype=torch.int64)
+    header = torch.tensor([len(message), int(isinstance(error, FileNotFoundError))], dtype=torch.int64, device=device)
     dist.broadcast(header, src=source)
-    data = torch.tensor(list(message), dtype=torch.uint8) if message else torch.zeros(int(header[0]), dtype=torch.uint8)
+    data = torch.zeros(int(header[0]), dtype=torch.uint8, device=device)
+    if message:
+        data.copy_(torch.frombuffer(bytearray(message), dtype=torch.uint8))
     dist.broadcast(data, src=source)
     if error is not None and source == dist.get_rank():
         raise error
     kind = FileNotFoundError if header[1] else ValueError
-    raise kind(bytes(data.tolist()).decode())
+    raise kind(bytes(data.cpu().tolist()).decode())
 
 
 def _ensure_process_group() -> None:
