@@ -7,6 +7,11 @@
 A checkpoint is written to a hidden `.checkpoint-STEP.tmp` folder and renamed
 into place only when complete, so a crash mid-save leaves the previous
 checkpoint as the latest one.
+
+Secrets never reach these files: a flag or setting whose name says token, key,
+secret or password is written as "<redacted>", and the values of such flags and
+environment variables are cut out of every other string too (`redact`). The
+same goes for log lines once `install_secret_filter` has run.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +31,115 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
 
+REDACTED = "<redacted>"
+# Words that mark a name as holding a secret (hub_token, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, db_password);
+# whole words only, so that max_new_tokens or tokenizer are not secrets.
+# ("tokens" is not one: max_new_tokens.)
+SECRET_WORDS = frozenset({"token", "key", "keys", "secret", "secrets", "password", "passwords", "passwd", "apikey",
+                          "credential", "credentials"})
+MIN_SECRET_LENGTH = 6  # shorter values (flags like "1", "true") are not cut out of other strings
+
+
+def is_secret_name(name: str) -> bool:
+    return any(part in SECRET_WORDS for part in re.split(r"[^a-z0-9]+", str(name).lower()))
+
+
+def secret_values(*sources: Mapping[str, Any] | None) -> set[str]:
+    """String values held under secret names in the given mappings (args, os.environ, ...), nested too."""
+    found: set[str] = set()
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                visit(str(key), item)
+        elif isinstance(value, str) and is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH:
+            found.add(value)
+        elif isinstance(value, (list, tuple)) and is_secret_name(name):
+            for item in value:
+                visit(name, item)
+
+    for source in sources:
+        for key, value in (source or {}).items():
+            visit(str(key), value)
+    return found
+
+
+def redact_text(text: str, secrets: Iterable[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):  # longest first: one may contain another
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact(data: Any, secrets: Iterable[str] | None = None) -> Any:
+    """A copy of `data` (dicts, lists, strings) without secrets: values under a secret name become
+    "<redacted>" (None and empty values stay, they show that none was given), and known secret
+    values (default: those in `data` and in os.environ) are cut out of every other string."""
+    known = set(secret_values(data if isinstance(data, Mapping) else {}, os.environ) if secrets is None
+                else secrets)
+
+    def clean(value: Any, secret_name: bool) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v, secret_name or is_secret_name(str(k))) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, secret_name) for v in value]
+        if isinstance(value, str):
+            return REDACTED if secret_name and value else redact_text(value, known)
+        return value
+
+    return clean(data, False)
+
+
+class SecretFilter(logging.Filter):
+    """Cuts known secret values out of log records (message and traceback) before any handler writes them."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.secrets = set(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            cleaned = redact_text(message, self.secrets)
+            if cleaned != message:
+                record.msg, record.args = cleaned, ()
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = redact_text(record.exc_text, self.secrets)
+        return True
+
+
+def install_secret_filter(*sources: Mapping[str, Any] | None) -> SecretFilter:
+    """Redact the secrets of `sources` (and of os.environ) from every handler of the root and
+    "swiftray" loggers (console, log files); handlers added later need `handler.addFilter` too."""
+    secret_filter = SecretFilter(secret_values(*sources, os.environ))
+    for logger in (logging.getLogger(), logging.getLogger("swiftray")):
+        for handler in logger.handlers:
+            for old in [f for f in handler.filters if isinstance(f, SecretFilter)]:
+                handler.removeFilter(old)
+            handler.addFilter(secret_filter)
+    return secret_filter
+
+
 def args_to_dict(args: Any) -> dict[str, Any]:
+    """The flags as written to args.json: secrets redacted."""
     data = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
     for extra in ("world_size",):
         if hasattr(args, extra):
             data[extra] = getattr(args, extra)
-    return data
+    return redact(data)
+
+
+def redact_json_file(path: str | Path) -> bool:
+    """Rewrite a JSON file (an args.json from an older swiftray) without secrets; True if it changed."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    cleaned = redact(data)
+    if cleaned == data:
+        return False
+    write_json(path, cleaned)
+    return True
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -1,4 +1,9 @@
-"""`swiftray export`: merge a LoRA adapter into its base (`--merge_lora true`) and/or push to a hub."""
+"""`swiftray export`: merge a LoRA adapter into its base (`--merge_lora true`) and/or push to a hub.
+
+No secret goes into an exported folder or an upload: the copied args.json is redacted (also when an
+earlier swiftray wrote the token into it), and the hub token is read from `--hub_token` or the
+environment (HF_TOKEN, HUGGING_FACE_HUB_TOKEN; MODELSCOPE_API_TOKEN) only when uploading.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from swiftray.checkpoint import redact_json_file
 from swiftray.models.inference import load_inference_model
 
 logger = logging.getLogger("swiftray")
@@ -33,6 +39,7 @@ def merge_lora(model_dir: str, adapters: list[str], output_dir: str | None, torc
     args_json = Path(adapters[0]) / "args.json"
     if args_json.is_file():
         shutil.copy(args_json, staging / "args.json")
+        redact_json_file(staging / "args.json")
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
@@ -52,14 +59,31 @@ def check_reachable(endpoint: str, timeout_s: float = 5.0) -> None:
         ) from err
 
 
+HF_TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+MODELSCOPE_TOKEN_VARIABLES = ("MODELSCOPE_API_TOKEN",)
+
+
+def hub_token(token: str | None, variables: tuple[str, ...]) -> str | None:
+    """--hub_token, else the first of `variables` set in the environment (read now, kept nowhere)."""
+    return token or next((os.environ[v] for v in variables if os.environ.get(v)), None)
+
+
+def scrub_folder(folder: str | Path) -> None:
+    """Before an upload: an args.json that holds a secret (written by an earlier swiftray) is redacted."""
+    args_json = Path(folder) / "args.json"
+    if args_json.is_file() and redact_json_file(args_json):
+        logger.warning("%s held a secret (hub token or key); redacted it before the upload", args_json)
+
+
 def push_to_hub(folder: str, hub_model_id: str, *, token: str | None, use_hf: bool, private: bool,
                 commit_message: str) -> str:
+    scrub_folder(folder)
     if use_hf:
         endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT)
         check_reachable(endpoint)
         from huggingface_hub import HfApi
 
-        api = HfApi(endpoint=endpoint, token=token)
+        api = HfApi(endpoint=endpoint, token=hub_token(token, HF_TOKEN_VARIABLES))
         api.create_repo(hub_model_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=folder, repo_id=hub_model_id, commit_message=commit_message)
         return f"{endpoint}/{hub_model_id}"
@@ -71,6 +95,7 @@ def push_to_hub(folder: str, hub_model_id: str, *, token: str | None, use_hf: bo
         raise RuntimeError("pushing to ModelScope (--use_hf false) needs `pip install modelscope`; "
                            "or pass --use_hf true for the Hugging Face hub") from err
     api = HubApi()
+    token = hub_token(token, MODELSCOPE_TOKEN_VARIABLES)
     if token:
         api.login(token)
     api.push_model(model_id=hub_model_id, model_dir=folder, commit_message=commit_message)

@@ -2,6 +2,10 @@
 
 `logging.jsonl` is appended line by line and flushed, so a crash loses at most
 the line being written and a resumed run continues the same file.
+
+The run's config reaches wandb with its secrets redacted (checkpoint.redact), wandb does
+not record the command line (which may hold `--hub_token`), and from here on log lines
+have secret values cut out (checkpoint.install_secret_filter).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from swiftray.checkpoint import install_secret_filter, redact
+
 logger = logging.getLogger("swiftray")
 
 
@@ -26,6 +32,7 @@ class Tracker:
     def __init__(self, run_dir: str | Path, report_to: list[str], *, total_steps: int,
                  initial_step: int = 0, config: dict[str, Any] | None = None, desc: str = "train"):
         self.run_dir = Path(run_dir)
+        install_secret_filter(config)
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.jsonl = open(self.run_dir / "logging.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.tb = None
@@ -35,7 +42,7 @@ class Tracker:
 
             self.tb = SummaryWriter(log_dir=str(self.run_dir / "runs"))
         if "wandb" in report_to or "all" in report_to:
-            self.wandb = _start_wandb(self.run_dir, config or {})
+            self.wandb = _start_wandb(self.run_dir, redact(dict(config or {})))
         self.start = time.time()
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
                         disable=os.environ.get("SWIFTRAY_NO_PROGRESS") == "1")
@@ -115,7 +122,12 @@ def _start_wandb(run_dir: Path, config: dict[str, Any]):
         raise RuntimeError("--report_to wandb needs the wandb package: pip install 'swiftray[wandb]'") from err
     # With no API key (or no network) run offline; `wandb sync` uploads later.
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    return wandb.init(dir=str(run_dir), config=config, mode=mode,
+    try:  # no run metadata: it records sys.argv, where a --hub_token would be in plain text
+        settings = wandb.Settings(x_disable_meta=True)
+    except Exception as err:  # an older wandb without the setting
+        raise RuntimeError(f"--report_to wandb: this wandb ({getattr(wandb, '__version__', '?')}) cannot turn off "
+                           f"recording the command line ({err}); upgrade wandb") from err
+    return wandb.init(dir=str(run_dir), config=config, mode=mode, settings=settings,
                       project=os.environ.get("WANDB_PROJECT", "swiftray"), name=run_dir.name)
 
 

@@ -28,6 +28,7 @@ def ray_cluster():
     path = [str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
     ray.init(
+        address="local",  # a new cluster, even while another one (`ray start`, cluster_utils) runs here
         num_cpus=4,
         include_dashboard=False,
         object_store_memory=512 << 20,

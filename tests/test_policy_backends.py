@@ -210,6 +210,9 @@ def test_two_ranks_match_reference_and_resume_exactly(pair, model_dir, reference
     resumed = run_steps(pair, range(SAVE_AFTER, STEPS), micro)
     assert [m["loss"] for m in resumed] == [m["loss"] for m in rest]
     assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in rest]
+    # The LR schedule resumed too (loss and grad norm are measured before each update, so a
+    # schedule restarted at step 0 would show only from the second resumed step on, in the loss).
+    assert [m["lr"] for m in resumed] == [m["lr"] for m in rest] and rest[0]["lr"] > rest[1]["lr"] > 0
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero3"])

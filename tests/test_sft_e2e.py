@@ -91,7 +91,9 @@ def test_resume_reaches_the_same_losses(ray_cluster, tiny_model_dir, tmp_path): 
                       "--resume_from_checkpoint", full / "checkpoint-4")
 
     assert resumed != full and (full / "checkpoint-4" / "adapter_model.safetensors").is_file()
-    assert (full / "checkpoint-4" / "train_state").is_dir() and (full / "checkpoint-4" / "rank_0.pt").is_file()
+    assert (full / "checkpoint-4" / "train_state" / "train_state.json").is_file()
+    assert (full / "checkpoint-4" / "train_state" / "rng_rank_0.safetensors").is_file()
+    assert not [p for p in (full / "checkpoint-4").rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".distcp")]
     assert ckpt.read_trainer_state(full / "checkpoint-4")["data"] == {"epoch": 0, "position": 16}
     for key in ("train/loss", "train/grad_norm", "train/lr"):
         expected = {s: v for s, v in metric_by_step(full, key).items() if s > 4}

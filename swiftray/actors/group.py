@@ -27,11 +27,15 @@ class DistributedWorker:
     world_size: int = 1
 
     def get_master_address(self) -> tuple[str, int]:
-        """This node's IP and a free TCP port; rank 0 answers, every rank connects to it."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        """This node's IP (as Ray knows it) and a port listening on that IP only: the process group's
+        store, which rank 0 serves and every rank connects to. On a loopback-only local cluster the
+        IP is 127.0.0.1, so the store is not reachable from other machines."""
+        ip = ray.util.get_node_ip_address()
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        self._store_socket = socket.socket(family, socket.SOCK_STREAM)
+        self._store_socket.bind((ip, 0))
+        self._store_socket.listen(128)
+        return ip, self._store_socket.getsockname()[1]
 
     def init_distributed(
         self, rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None, num_threads: int
@@ -52,10 +56,14 @@ class DistributedWorker:
             return
         if backend == "nccl":
             torch.cuda.set_device(0)
-        dist.init_process_group(
-            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size,
-            timeout=timedelta(minutes=30),
-        )
+        timeout = timedelta(minutes=30)
+        listen = getattr(self, "_store_socket", None) if rank == 0 else None
+        # Rank 0 serves the store on the socket get_master_address bound (torch's own would listen on
+        # every interface).
+        store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                              master_listen_fd=listen.detach() if listen is not None else None)
+        self._store_socket = None
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

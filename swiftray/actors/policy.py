@@ -32,7 +32,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from swiftray.actors import shared_weights
+from swiftray.actors import shared_weights, train_state
 from swiftray.actors.backends import BACKENDS, adamw_factory, make_backend
 from swiftray.actors.group import DistributedWorker
 from swiftray.models import prompt_sharing
@@ -75,6 +75,9 @@ class PolicyConfig:
     max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still reported)
     # Informational: a step accumulates over however many micro-batches train_step is given.
     gradient_accumulation_steps: int | None = None
+    # A step whose loss or gradient norm is not finite is skipped (nothing changes); the Nth such
+    # step in a row stops the run with an error. 1: stop at the first; 0: never stop, skip them all.
+    max_nonfinite_steps: int = 3
 
     @classmethod
     def from_dict(cls, config: dict | PolicyConfig) -> PolicyConfig:
@@ -94,6 +97,8 @@ class PolicyConfig:
                              "expected cosine, linear or constant")
         if cfg.total_steps < 1:
             raise ValueError(f"PolicyActor.setup: total_steps={cfg.total_steps}, must be >= 1")
+        if cfg.max_nonfinite_steps < 0:
+            raise ValueError(f"PolicyActor.setup: max_nonfinite_steps={cfg.max_nonfinite_steps}, must be >= 0")
         cfg.adam_betas = tuple(cfg.adam_betas)
         return cfg
 
@@ -189,7 +194,9 @@ class PolicyActor(DistributedWorker):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.backend.optimizer, lr_lambda(cfg.lr_scheduler_type, cfg.num_warmup_steps(), cfg.total_steps)
         )
-        self.global_step = 0
+        self.global_step = 0  # optimizer steps taken (skipped non-finite steps do not count)
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
         return counts
 
     # --- training and evaluation ----------------------------------------------------------
@@ -203,7 +210,12 @@ class PolicyActor(DistributedWorker):
         Returns global metrics, the same on every rank: loss (loss_fn's losses summed over
         micro-batches and ranks: the global mean when loss_fn divides by num_tokens_global),
         token_acc (argmax == label over loss tokens), num_tokens, grad_norm (before clipping),
-        lr (used by this step), and loss_fn's own metrics averaged over ranks x micro-batches.
+        lr (used by this step), skipped_nonfinite (1.0 when the step was skipped), and loss_fn's
+        own metrics averaged over ranks x micro-batches.
+
+        A step whose loss (on any rank) or gradient norm is not finite changes nothing: weights,
+        optimizer state and LR schedule stay as they were, on every rank. The
+        max_nonfinite_steps-th such step in a row raises instead.
         """
         batches = self._fetch_batches(micro_batches)
         num_tokens = self._global_num_tokens(batches)
@@ -215,15 +227,42 @@ class PolicyActor(DistributedWorker):
                 batch, logprobs, mask, n_correct = self._forward(batch, with_entropy)
                 loss, metrics = loss_fn(logprobs, {**batch, "loss_mask": mask}, num_tokens)
                 # Backends average gradients over ranks; the loss is already a global mean.
-                self.backend.backward(loss * self.world_size)
+                scaled = loss * self.world_size
+                if not torch.isfinite(loss.detach()):
+                    # Make every gradient NaN: the gradient norm (a global reduction) is then not
+                    # finite on every rank, and each backend's step skips the update.
+                    scaled = scaled * float("nan")
+                self.backend.backward(scaled)
             loss_sum += loss.item()
             correct += int(n_correct)
             _accumulate(extra, metrics)
         grad_norm = self.backend.step()
-        self.scheduler.step()
-        self.global_step += 1
         out = self._reduce(loss_sum, correct, extra, len(batches), num_tokens)
-        return {**out, "num_tokens": num_tokens, "grad_norm": grad_norm, "lr": lr}
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            self._count_nonfinite(out["loss"], grad_norm)
+        else:
+            self.nonfinite_in_row = 0
+            self.scheduler.step()
+            self.global_step += 1
+        return {**out, "num_tokens": num_tokens, "grad_norm": grad_norm, "lr": lr,
+                "skipped_nonfinite": float(skipped)}
+
+    def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.max_nonfinite_steps
+        where = f"optimizer step {self.global_step + 1}: loss={loss}, grad_norm={grad_norm}"
+        if limit and self.nonfinite_in_row >= limit:
+            raise FloatingPointError(
+                f"PolicyActor: {where} is not finite, {self.nonfinite_in_row} step(s) in a row "
+                f"(max_nonfinite_steps={limit}); stopping. The weights are those of the last finite step; "
+                "look for inf/NaN rewards or data, or lower the learning rate"
+            )
+        if self.rank == 0:
+            logging.getLogger("swiftray").warning(
+                "PolicyActor: %s is not finite; skipped the update (%d in a row, %d in all)",
+                where, self.nonfinite_in_row, self.nonfinite_total)
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list | ray.ObjectRef, loss_fn: LossFn) -> dict[str, float]:
@@ -312,39 +351,58 @@ class PolicyActor(DistributedWorker):
     # --- checkpoints and weights -------------------------------------------------------------
     def save_checkpoint(self, path: str, save_only_model: bool = False) -> str:
         """Rank 0 writes the weights as safetensors (full model, or the adapter for LoRA/DoRA);
-        unless save_only_model, every rank adds its optimizer/scheduler/RNG state for resuming."""
+        unless save_only_model, also the training state (train_state.py: safetensors + JSON, the
+        whole optimizer state gathered by name), and every rank its RNG state."""
         state = self.backend.full_state_dict()  # collective gather for FSDP2 / ZeRO-3
         if self.rank == 0:
             os.makedirs(path, exist_ok=True)
             self.backend.module.save_pretrained(path, state_dict=state)
         del state
-        dist.barrier()  # the directory exists before other ranks write into it
         if not save_only_model:
-            self.backend.save_train_state(os.path.join(path, "train_state"))
-            torch.save({"scheduler": self.scheduler.state_dict(), "global_step": self.global_step,
-                        "world_size": self.world_size, "rng": _rng_state()},
-                       os.path.join(path, f"rank_{self.rank}.pt"))
+            folder = os.path.join(path, "train_state")
+            weights, optim, groups = self.backend.gather_train_state()  # collective
+            error = None
+            if self.rank == 0:
+                meta = {"global_step": self.global_step, "world_size": self.world_size,
+                        "backend": self.backend.name, "param_groups": train_state.to_json(groups),
+                        "scheduler": train_state.to_json(self.scheduler.state_dict()),
+                        "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total}
+                error = _attempt(train_state.write, folder, meta, weights, optim)
+            del weights, optim
+            _all_ranks_succeed(error)  # also: the folder exists before other ranks write into it
+            _all_ranks_succeed(_attempt(train_state.write_rng, folder, self.rank))
         dist.barrier()
         return path
 
     def load_checkpoint(self, path: str) -> int:
         """Restore weights, optimizer, scheduler and RNG from save_checkpoint(path); returns the step.
 
-        The actor must be set up with the same config (model, train type, backend) and world size.
+        The actor must be set up with the same model and train type; the number of ranks and the
+        backend may differ from the run that saved it (the state is whole and keyed by name). Every
+        file is read and checked before anything changes; a problem on any rank fails all of them
+        with the same message (naming the file).
         """
-        rank_file = os.path.join(path, f"rank_{self.rank}.pt")
-        if not os.path.isdir(os.path.join(path, "train_state")) or not os.path.isfile(rank_file):
-            raise FileNotFoundError(
-                f"{path}: no training state for rank {self.rank} (saved with save_only_model, or by fewer "
-                "ranks); load its weights as a model/adapter instead of resuming"
-            )
-        extra = torch.load(rank_file, weights_only=False)
-        if extra["world_size"] != self.world_size:
-            raise ValueError(f"{path}: saved by {extra['world_size']} ranks, this group has {self.world_size}")
-        self.backend.load_train_state(os.path.join(path, "train_state"))
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.global_step = extra["global_step"]
-        _set_rng_state(extra["rng"])
+        try:
+            meta = train_state.read_meta(path)
+            weights, optim = train_state.read_tensors(path, self.backend.trainable_names())
+            rng = train_state.read_rng(path, self.rank, meta["world_size"])
+            error = None
+        except (OSError, ValueError) as err:
+            error = err
+        _all_ranks_succeed(error)
+        groups = [train_state.from_json_group(g) for g in meta["param_groups"]]
+        self.backend.restore_train_state(weights, optim, groups, meta["global_step"])  # collective
+        del weights, optim
+        self.scheduler.load_state_dict(meta["scheduler"])
+        for group, lr in zip(self.backend.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the LR of the next step, whatever the groups held before
+        self.global_step = meta["global_step"]
+        self.nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
+        self.nonfinite_total = int(meta.get("nonfinite_total", 0))
+        if meta["world_size"] != self.world_size and self.rank == 0:
+            logging.getLogger("swiftray").info("%s: saved by %d ranks, resumed by %d", path, meta["world_size"],
+                                               self.world_size)
+        train_state.set_rng(rng)
         dist.barrier()
         return self.global_step
 
@@ -413,6 +471,39 @@ def _accumulate(into: dict, metrics: dict) -> None:
         into[key] = into.get(key, 0.0) + float(value)
 
 
+def _attempt(func: Callable, *args: Any) -> Exception | None:
+    """Run func; return the file error it raised (to share with the other ranks) instead of raising it."""
+    try:
+        func(*args)
+    except (OSError, ValueError) as err:
+        return err
+    return None
+
+
+def _all_ranks_succeed(error: Exception | None) -> None:
+    """Collective: raise on every rank if any rank failed, with the lowest failing rank's message.
+
+    A rank that raised alone would leave the others waiting in the next collective."""
+    world = dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    first = torch.tensor([dist.get_rank() if error is not None else world], dtype=torch.int64, device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    source = int(first.item())
+    if source == world:
+        return
+    message = f"{error}".encode() if source == dist.get_rank() else b""
+    header = torch.tensor([len(message), int(isinstance(error, FileNotFoundError))], dtype=torch.int64, device=device)
+    dist.broadcast(header, src=source)
+    data = torch.zeros(int(header[0]), dtype=torch.uint8, device=device)
+    if message:
+        data.copy_(torch.frombuffer(bytearray(message), dtype=torch.uint8))
+    dist.broadcast(data, src=source)
+    if error is not None and source == dist.get_rank():
+        raise error
+    kind = FileNotFoundError if header[1] else ValueError
+    raise kind(bytes(data.cpu().tolist()).decode())
+
+
 def _ensure_process_group() -> None:
     """Outside an ActorGroup (a plain process), act as a group of one."""
     if dist.is_initialized():
@@ -426,18 +517,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

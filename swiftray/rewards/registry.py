@@ -22,6 +22,8 @@ An ms-swift plug-in file ports by changing its import from ``swift.plugin`` / ``
 a keyword argument (a list aligned with ``completions``), with ``prompts``, ``completion_ids``,
 ``completion_lengths`` (and ms-swift's alias ``response_token_ids``) when the caller provides them. Return
 one float per completion, or None where the reward does not apply (it then drops out of the weighted sum).
+A NaN or infinite value is refused, naming the function, the sample and the value; with the reward setting
+``nonfinite_reward: missing`` it counts as None instead, and ``RewardSet.last_nonfinite`` counts it.
 
 A class is instantiated with the reward settings its ``__init__`` names (all of them if it takes
 ``**kwargs``); a parameter called ``args`` receives the whole settings object (ms-swift's style).
@@ -166,6 +168,9 @@ def build_reward_funcs(
     constructor parameter named ``args`` (else a namespace of ``reward_kwargs``).
     """
     settings = dict(reward_kwargs or {})
+    nonfinite = settings.get("nonfinite_reward") or "error"
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite_reward={nonfinite!r}: expected one of {list(NONFINITE_MODES)}")
     if weights is None:
         weights = [1.0] * len(names)
     if len(weights) != len(names):
@@ -191,7 +196,7 @@ def build_reward_funcs(
             unique, k = f"{name}_{k}", k + 1
         resolved_names.append(unique)
         funcs.append(func)
-    return RewardSet(resolved_names, funcs, [float(w) for w in weights])
+    return RewardSet(resolved_names, funcs, [float(w) for w in weights], nonfinite=nonfinite)
 
 
 # ---------------------------------------------------------------- scoring
@@ -212,13 +217,16 @@ def _run_coroutines(coros: list[Any]) -> list[Any]:
 
 
 def _as_number(value: Any) -> float | None:
-    """One reward value as a float, None for None/NaN; raises TypeError for anything else."""
+    """One reward value as a float (NaN and inf included), None for None; raises TypeError for anything else."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
         raise TypeError(value)
-    number = float(value)
-    return None if math.isnan(number) else number
+    return float(value)
+
+
+# What a NaN or infinite reward does: stop with an error naming it, or count as missing (None).
+NONFINITE_MODES = ("error", "missing")
 
 
 @dataclass
@@ -228,10 +236,15 @@ class RewardSet:
     names: list[str]
     funcs: list[Callable[..., Any]]
     weights: list[float]
+    nonfinite: str = "error"  # NONFINITE_MODES
     _async: list[bool] = field(init=False)
+    # NaN/inf values per function in the last `score` call, turned into None (nonfinite="missing").
+    last_nonfinite: dict[str, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._async = [_is_async(f) for f in self.funcs]
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite_reward={self.nonfinite!r}: expected one of {list(NONFINITE_MODES)}")
 
     def score(
         self,
@@ -261,10 +274,11 @@ class RewardSet:
             outputs.update(zip(async_ids, results))
 
         per_func: dict[str, list[float | None]] = {}
+        self.last_nonfinite = {}
         for i, name in enumerate(self.names):
             if isinstance(outputs[i], Exception):
                 self._raise_failure(i, outputs[i], completions, kwargs)
-            per_func[name] = self._validate(i, outputs[i], n)
+            per_func[name] = self._finite(i, self._validate(i, outputs[i], n), completions)
 
         total, all_none = [], []
         for j in range(n):
@@ -351,12 +365,36 @@ class RewardSet:
                 ) from None
         return values
 
+    def _finite(self, i: int, values: list[float | None], completions: list[str]) -> list[float | None]:
+        """NaN/inf: an error naming function, sample and value, or (nonfinite="missing") None, counted."""
+        bad = [j for j, v in enumerate(values) if v is not None and not math.isfinite(v)]
+        if not bad:
+            return values
+        name, j = self.names[i], bad[0]
+        if self.nonfinite == "error":
+            raise RewardFunctionError(
+                f"reward function '{name}' returned {values[j]} for sample {j} ({_describe(completions[j])})"
+                f"{f' and {len(bad) - 1} more sample(s)' if len(bad) > 1 else ''}; rewards must be finite "
+                "numbers or None (the reward setting nonfinite_reward: missing counts such values as missing)"
+            )
+        logger.warning("reward function '%s' returned %s for sample %d (%s) and %d more; counted as missing",
+                       name, values[j], j, _describe(completions[j]), len(bad) - 1)
+        self.last_nonfinite[name] = len(bad)
+        return [None if v is not None and not math.isfinite(v) else v for v in values]
+
+
+def _describe(completion: str) -> str:
+    return f"completion {completion[:80]!r}"
+
 
 def reward_metrics(
-    per_func: dict[str, list[float | None]], total: list[float] | None = None
+    per_func: dict[str, list[float | None]], total: list[float] | None = None,
+    nonfinite: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """``rewards/<name>/mean`` and ``/std`` per function (None = missing; sample std), and ``reward`` /
-    ``reward_std`` of the totals when given. NaN when a function has no values at all."""
+    ``reward_std`` of the totals when given. NaN when a function has no values at all.
+    ``nonfinite`` (``RewardSet.last_nonfinite``, summed over batches) adds ``rewards/<name>/nonfinite``:
+    how many values were NaN or infinite and counted as missing."""
 
     def mean_std(values: list[float]) -> tuple[float, float]:
         if not values:
@@ -371,6 +409,8 @@ def reward_metrics(
         mean, std = mean_std([v for v in values if v is not None])
         metrics[f"rewards/{name}/mean"] = mean
         metrics[f"rewards/{name}/std"] = std
+    for name in per_func if nonfinite is not None else ():
+        metrics[f"rewards/{name}/nonfinite"] = float(nonfinite.get(name, 0))
     if total is not None:
         metrics["reward"], metrics["reward_std"] = mean_std(list(total))
     return metrics

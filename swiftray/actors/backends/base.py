@@ -9,6 +9,12 @@ A backend owns the wrapped model and the optimizer of one rank. PolicyActor driv
 
 Every backend averages gradients over ranks (that is what DDP, FSDP2 and ZeRO do);
 PolicyActor scales the loss by the world size to turn that average into a sum.
+
+A step whose gradient norm is not finite changes nothing: `step` discards the gradients
+and leaves weights and optimizer state as they were (the norm is global, so every rank
+decides the same). The training state for checkpoints is gathered whole and keyed by
+parameter name (`gather_train_state` / `restore_train_state`), so that it does not depend
+on the number of ranks that saved it.
 """
 
 from __future__ import annotations
@@ -18,11 +24,11 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -76,12 +82,17 @@ class Backend:
         loss.backward()
 
     def step(self) -> float:
-        """Clip (max_grad_norm <= 0: measure only), step the optimizer, zero grads; the pre-clip norm."""
+        """Clip (max_grad_norm <= 0: measure only), step the optimizer, zero grads; the pre-clip norm.
+
+        A norm that is not finite (inf/NaN in some gradient) skips the update: grads are dropped."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads)
         if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded grads is a partial DTensor
             norm = norm.full_tensor()
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm.item()
         if self.max_grad_norm and self.max_grad_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
         self.optimizer.step()
@@ -107,21 +118,34 @@ class Backend:
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if dist.get_rank() == 0 else {}
 
-    def _state_options(self) -> StateDictOptions:
-        # LoRA: only the adapter (trainable) weights are saved; the frozen base comes from model_dir.
-        return StateDictOptions(ignore_frozen_params=self.is_peft, strict=not self.is_peft)
+    def gather_train_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], list[dict]]:
+        """Collective: (trainable weights, AdamW state per parameter, param groups), whole and on CPU,
+        keyed by parameter name, on rank 0 (empty elsewhere). A param group is its hyperparameters
+        plus "params": the names of its parameters. LoRA: only the adapter (the trainable part)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)
+        if dist.get_rank() != 0:
+            return {}, {}, []
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
+                  for g in optim_state["param_groups"]]
+        names = [name for g in groups for name in g["params"]]
+        return {name: model_state[name] for name in names}, dict(optim_state["state"]), groups
 
-    def save_train_state(self, path: str) -> None:
-        """Collective: trainable weights + optimizer state, sharded per rank (torch.distributed.checkpoint)."""
-        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._state_options())
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    def trainable_names(self) -> list[str]:
+        """The names gather_train_state uses, in the optimizer's order."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return [_plain_name(names[id(p)]) for g in self.optimizer.param_groups for p in g["params"]]
 
-    def load_train_state(self, path: str) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._state_options())
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=self._state_options())
+    def restore_train_state(self, weights: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]],
+                            param_groups: list[dict], step: int) -> None:
+        """Collective: every rank passes the whole state (as gather_train_state returns it, from any
+        number of ranks) and keeps its own shard of it."""
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        if not optim:  # saved before the first optimizer step: there is no optimizer state yet
+            set_model_state_dict(self.model, weights, options=options)
+            return
+        set_state_dict(self.model, self.optimizer, model_state_dict=weights,
+                       optim_state_dict={"state": optim, "param_groups": param_groups}, options=options)
 
     # --- memory for colocated roles --------------------------------------------------------
     def offload(self, model: bool = True, optimizer: bool = True) -> None:
@@ -146,3 +170,8 @@ class Backend:
                     if isinstance(value, torch.Tensor) and key != "step":
                         state[key] = value.to(device, non_blocking=True)
         torch.cuda.synchronize()
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name without the wrapper's prefix (DDP's `module.`), as state dicts name it."""
+    return name.removeprefix("module.")
