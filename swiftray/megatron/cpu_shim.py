@@ -10,6 +10,7 @@ schedules and MoE dispatchers work on CPU tensors over gloo once a handful of as
   `Tensor.type()` with the CUDA name of the same dtype;
 - `torch.cuda.current_device/synchronize/empty_cache`, streams, events, nvtx: no-ops;
 - the CUDA RNG state tracker (model-parallel dropout seeds): CPU generator states instead;
+- the gradient norm's fallback for apex's fused l2 norm: an accurate float64 sum of squares;
 - gloo's all_to_all takes split sizes as lists, the MoE dispatcher hands it tensors;
 - one MoE module (paged stash) imports triton unconditionally: a stand-in module that fails
   only if its kernels are ever launched (they are a GPU memory feature, never used here).
@@ -120,7 +121,10 @@ class _NullEvent:
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     null_stream = _NullStream()
-    cuda.current_device = lambda: 0
+    # "cpu", not an index: megatron passes it as `device=`, also inside custom autograd backward
+    # functions, which run while the function mode is off (a mode is off while it handles a call,
+    # here torch.autograd.backward).
+    cuda.current_device = lambda: "cpu"
     cuda.synchronize = lambda *a, **k: None
     cuda.empty_cache = lambda: None
     cuda.Stream = _NullStream
@@ -177,8 +181,27 @@ def _gloo_all_to_all_lists() -> None:
     dist.all_to_all_single = all_to_all_single
 
 
-def install_rng_tracker() -> None:
-    """Replace megatron's CUDA RNG tracker by one over CPU generator states (call after install())."""
+def install_megatron_patches() -> None:
+    """After megatron.core is imported: the CPU RNG tracker, and an accurate gradient norm."""
+    _install_rng_tracker()
+    _accurate_l2_norm()
+
+
+def _accurate_l2_norm() -> None:
+    """megatron's fallback for apex's multi_tensor_l2norm takes torch.norm of each fp32 tensor, which on
+    CPU was measured 4e-5 off for a [2000, 128] gradient (a blocked fp32 reduction): enough to make the
+    same gradients report different norms when TP splits the tensor differently. Sum squares in float64."""
+    from megatron.core.optimizer import clip_grads
+
+    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        total = sum(t.detach().double().pow(2).sum() for t in tensor_lists[0])
+        return torch.as_tensor(total, dtype=torch.float64).sqrt().float().reshape(1), None
+
+    clip_grads.l2_norm_impl = l2_norm
+
+
+def _install_rng_tracker() -> None:
+    """Replace megatron's CUDA RNG tracker by one over CPU generator states."""
     from megatron.core.tensor_parallel import random as mrandom
 
     class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
