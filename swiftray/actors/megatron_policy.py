@@ -143,6 +143,7 @@ class MegatronPolicyActor(DistributedWorker):
                                     ep=cfg.expert_model_parallel_size, etp=cfg.expert_tensor_parallel_size,
                                     sp=cfg.sequence_parallel)
         self.layout_.check(self.world_size, self.shape)
+        model.portable_tensor_pickles()
         model.init_parallel(self.layout_)
         if cpu_shim.active():
             cpu_shim.install_megatron_patches()

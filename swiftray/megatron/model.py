@@ -67,6 +67,21 @@ class Layout:
         return world_size // (self.tp * self.pp)
 
 
+def portable_tensor_pickles() -> None:
+    """Keep tensors sent out of a Megatron process loadable where megatron-core is not imported.
+
+    Importing megatron.core replaces torch.storage._load_from_bytes (what an unpickled tensor's storage
+    is rebuilt with) by its own weights_only version, so every tensor pickled here (Ray results: log-probs,
+    weight buckets) names megatron.core.safe_globals, which the driver and the rollout actors cannot (or
+    should not) import. Naming it as torch's own function makes each side use its own loader.
+    """
+    import torch.storage
+
+    loader = torch.storage._load_from_bytes
+    if getattr(loader, "__module__", "torch.storage") != "torch.storage":
+        loader.__module__, loader.__qualname__ = "torch.storage", "_load_from_bytes"
+
+
 def init_parallel(layout: Layout, timeout_minutes: int = 30) -> None:
     """(Re)arrange this process group's ranks into megatron-core's parallel groups."""
     from megatron.core import parallel_state
