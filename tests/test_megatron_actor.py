@@ -1,0 +1,191 @@
+"""The Megatron policy actor on CPU over gloo: parallel layouts equal one rank, logits equal HF's,
+resume equals an uninterrupted run, and a weight sync makes the rollout engine's log-probs equal.
+
+Starting Megatron ranks costs 15-25 s each here, so the module starts one 1-rank and one 2-rank
+group once and re-runs `setup` on them for every layout (setup rebuilds the parallel groups).
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from _ray import ray_cluster  # noqa: F401
+
+from swiftray.actors.group import ActorGroup
+from swiftray.actors.megatron_policy import MegatronPolicyActor, dp_shards
+from swiftray.actors.policy import token_logprobs
+from swiftray.algorithms.sft import SFT
+from swiftray.models.tiny import make_tiny_model
+
+torch.set_num_threads(1)
+STEPS = 3
+TRAIN = {"learning_rate": 1e-3, "lr_scheduler_type": "constant", "total_steps": 10, "weight_decay": 0.1,
+         "max_grad_norm": 1.0}
+MOE = {"moe_aux_loss_coeff": 0.01}  # the auxiliary loss's scaling is part of what must match
+LAYOUTS = {
+    "dense": [{"tensor_model_parallel_size": 2, "sequence_parallel": True}, {"pipeline_model_parallel_size": 2}, {}],
+    "moe": [{"expert_model_parallel_size": 2}, {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+            {"pipeline_model_parallel_size": 2}, {}],
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model_dir):
+    return {"dense": tiny_model_dir, "moe": make_tiny_model(tmp_path_factory.mktemp("tiny_moe"), moe=True)}
+
+
+@pytest.fixture(scope="module")
+def groups(ray_cluster):  # noqa: F811
+    one = ActorGroup(MegatronPolicyActor, 1, num_cpus_per_worker=1, name="megatron-one")
+    two = ActorGroup(MegatronPolicyActor, 2, num_cpus_per_worker=1, name="megatron-two")
+    yield one, two
+    one.shutdown()
+    two.shutdown()
+
+
+def micro_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Four right-padded micro-batches of different widths: the global batch of every step."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for width in (16, 12, 14, 10):
+        ids = torch.randint(0, 1900, (2, width), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, width - 5:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return out
+
+
+def setup(group: ActorGroup, config: dict) -> list:
+    """Set the group up; each rank's argument for its data-parallel rank's share of micro_batches()."""
+    ray.get(group.call_all("setup", config))
+    layout = ray.get(group.call_all("layout"))
+    dp = layout[0]["dp_size"]
+    batches = micro_batches()
+    return dp_shards([batches[r::dp] for r in range(dp)], [rank["dp_rank"] for rank in layout])
+
+
+def train(group: ActorGroup, per_rank: list, steps: int = STEPS) -> list[tuple[float, float]]:
+    metrics = []
+    for _ in range(steps):
+        ranks = ray.get(group.call_all_ranked("train_step", per_rank, SFT().loss))
+        assert all(r["loss"] == ranks[0]["loss"] and r["grad_norm"] == ranks[0]["grad_norm"] for r in ranks)
+        metrics.append((ranks[0]["loss"], ranks[0]["grad_norm"]))
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def one_rank(groups, models):
+    """Losses and grad norms of STEPS steps on one rank, per model: what every layout must reproduce."""
+    one, _ = groups
+    out = {}
+    for kind, path in models.items():
+        out[kind] = train(one, setup(one, {"model_dir": str(path), **TRAIN, **(MOE if kind == "moe" else {})}))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,layout", [(k, lay) for k, lays in LAYOUTS.items() for lay in lays],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{k.split('_')[0]}{v}" for k, v in v.items()) or "dp2")
+def test_two_ranks_match_one_rank(groups, models, one_rank, kind, layout):
+    _, two = groups
+    reference = one_rank[kind]
+    assert reference[-1][0] < reference[0][0] - 0.5  # it learns: an equal loss is not a frozen model
+    got = train(two, setup(two, {"model_dir": str(models[kind]), **TRAIN, **(MOE if kind == "moe" else {}), **layout}))
+    for (loss, norm), (ref_loss, ref_norm) in zip(got, reference):
+        assert abs(loss - ref_loss) < 1e-5 and abs(norm - ref_norm) < 1e-5 * ref_norm, (got, reference)
+
+
+def _gathered_logits(self, batch):
+    """Runs inside a rank: the full-vocabulary logits of a batch (TP slices gathered), no pipeline."""
+    from megatron.core import tensor_parallel
+
+    from swiftray.megatron import cpu_shim
+    from swiftray.megatron.batch import model_inputs
+
+    with cpu_shim.device_mode(), torch.no_grad():
+        self.ddp.eval()
+        inputs = model_inputs(batch)
+        logits = self.model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                            attention_mask=inputs["attention_mask"])
+        return tensor_parallel.gather_from_tensor_model_parallel_region(logits).clone()
+
+
+@pytest.mark.parametrize("kind,layout", [
+    ("dense", {}), ("dense", {"tensor_model_parallel_size": 2}), ("moe", {}),
+    ("moe", {"tensor_model_parallel_size": 2, "sequence_parallel": True}), ("moe", {"expert_model_parallel_size": 2}),
+], ids=["dense-tp1", "dense-tp2", "moe-tp1", "moe-tp2-sp", "moe-ep2"])
+def test_logits_equal_hf(groups, models, kind, layout):
+    from transformers import AutoModelForCausalLM
+
+    group = groups[0] if not layout else groups[1]
+    ray.get(group.call_all("setup", {"model_dir": str(models[kind]), **layout}))
+    batch = micro_batches()[0]
+    hf = AutoModelForCausalLM.from_pretrained(models[kind])
+    with torch.no_grad():
+        expected = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    valid = batch["attention_mask"].bool()
+    for logits in ray.get([a.__ray_call__.remote(_gathered_logits, batch) for a in group.actors]):
+        assert logits.shape == expected.shape
+        assert (logits - expected)[valid].abs().max() < 1e-4
+    # The vocab-parallel log-softmax gives the same log-probs as a plain one.
+    for logprobs in ray.get(group.call_all("compute_logprobs", batch)):
+        assert (logprobs - token_logprobs(expected, batch["labels"])[0]).abs().max() < 1e-4
+
+
+def test_resume_after_save_gives_the_same_losses(groups, models, tmp_path):
+    _, two = groups
+    config = {"model_dir": str(models["moe"]), **TRAIN, **MOE, "expert_model_parallel_size": 2}
+    per_rank = setup(two, config)
+    train(two, per_rank, steps=2)
+    ray.get(two.call_all("save_checkpoint", str(tmp_path / "ckpt")))
+    uninterrupted = train(two, per_rank, steps=2)
+
+    per_rank = setup(two, config)
+    assert ray.get(two.call_all("load_checkpoint", str(tmp_path / "ckpt"))) == [2, 2]
+    assert train(two, per_rank, steps=2) == uninterrupted
+
+    # A weights-only save is a model to start from, not a state to resume.
+    ray.get(two.call_all("save_checkpoint", str(tmp_path / "weights"), True))
+    with pytest.raises(ray.exceptions.RayTaskError, match="no training state"):
+        ray.get(two.call_all("load_checkpoint", str(tmp_path / "weights")))
+
+
+def test_rollout_logprobs_equal_the_megatron_policy_after_sync(groups, models):
+    from swiftray.actors.rollout import RolloutActor
+    from swiftray.experience import sequences_batch, tokens_to_completion_values
+    from swiftray.models.generation import SamplingParams
+
+    _, two = groups
+    model_dir = str(models["moe"])
+    rollout = ActorGroup(RolloutActor, 1, num_cpus_per_worker=0.5, name="megatron-sync-rollout")
+    try:
+        ray.get(rollout.call_all("setup", {"model_dir": model_dir, "engine": "hf", "torch_dtype": "float32"})
+                + two.call_all("setup", {"model_dir": model_dir, "expert_model_parallel_size": 2,
+                                         "learning_rate": 5e-2, "lr_scheduler_type": "constant", "total_steps": 10}))
+        engine = rollout.actors[0]
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        prompts = [{"prompt_ids": tok.encode(t), "solution": s} for t, s in (("1 + 1 =", "2"), ("hi", "x"))]
+        batch = ray.get(engine.generate.remote(prompts, SamplingParams(max_new_tokens=8, n=2), 0))
+        rows = sequences_batch(batch.prompt_ids, batch.completion_ids, tok.pad_token_id)
+
+        def gap() -> float:
+            token_lp = ray.get(two.call_all("compute_logprobs", rows))
+            assert torch.equal(token_lp[0], token_lp[1])  # every rank of the group answers
+            ours = tokens_to_completion_values(token_lp[0], [len(p) for p in batch.prompt_ids],
+                                               [len(c) for c in batch.completion_ids])
+            theirs = ray.get(engine.sequence_logprobs.remote(batch.prompt_ids, batch.completion_ids))
+            return max(abs(x - y) for a, b in zip(ours, theirs) for x, y in zip(a, b))
+
+        assert gap() < 1e-5  # the same files
+        ray.get(two.call_all("train_step", [rows], SFT().loss))
+        assert gap() > 1e-3  # the engine still has the old weights
+        exports = two.call_all("export_weights", 64 << 10)  # small buckets: several of them
+        assert ray.get(exports[1]) == []
+        loaded = ray.get(engine.update_weights.remote(1, exports[0]))
+        assert len(ray.get(exports[0])) > 1 and loaded > 0
+        assert gap() < 1e-5
+    finally:
+        rollout.shutdown()
