@@ -23,11 +23,16 @@ STEPS = 3
 TRAIN = {"learning_rate": 1e-3, "lr_scheduler_type": "constant", "total_steps": 10, "weight_decay": 0.1,
          "max_grad_norm": 1.0}
 MOE = {"moe_aux_loss_coeff": 0.01}  # the auxiliary loss's scaling is part of what must match
-LAYOUTS = {
-    "dense": [{"tensor_model_parallel_size": 2, "sequence_parallel": True}, {"pipeline_model_parallel_size": 2}, {}],
-    "moe": [{"expert_model_parallel_size": 2}, {"tensor_model_parallel_size": 2, "sequence_parallel": True},
-            {"pipeline_model_parallel_size": 2}, {}],
-}
+TP2_SP = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+# (model, layout) on two ranks; each is compared with the same model on one rank.
+LAYOUTS = [
+    ("dense", TP2_SP), ("dense", {"pipeline_model_parallel_size": 2}), ("dense", {}),
+    ("moe", {"expert_model_parallel_size": 2}), ("moe", TP2_SP), ("moe", {**TP2_SP, "expert_model_parallel_size": 2}),
+    ("moe", {"pipeline_model_parallel_size": 2}), ("moe", {}),
+]
+IDS = [f"{kind}-" + ("-".join(f"{k.split('_')[0]}{v}" for k, v in lay.items()) or "dp2") for kind, lay in LAYOUTS]
+RUNS = [("dense", 1, {}), ("moe", 1, {})] + [(kind, 2, lay) for kind, lay in LAYOUTS]
+RUN_IDS = ["dense-1rank", "moe-1rank"] + IDS
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,7 @@ def models(tmp_path_factory, tiny_model_dir):
 def groups(ray_cluster):  # noqa: F811
     one = ActorGroup(MegatronPolicyActor, 1, num_cpus_per_worker=1, name="megatron-one")
     two = ActorGroup(MegatronPolicyActor, 2, num_cpus_per_worker=1, name="megatron-two")
-    yield one, two
+    yield {1: one, 2: two}
     one.shutdown()
     two.shutdown()
 
@@ -74,28 +79,6 @@ def train(group: ActorGroup, per_rank: list, steps: int = STEPS) -> list[tuple[f
     return metrics
 
 
-@pytest.fixture(scope="module")
-def one_rank(groups, models):
-    """Losses and grad norms of STEPS steps on one rank, per model: what every layout must reproduce."""
-    one, _ = groups
-    out = {}
-    for kind, path in models.items():
-        out[kind] = train(one, setup(one, {"model_dir": str(path), **TRAIN, **(MOE if kind == "moe" else {})}))
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind,layout", [(k, lay) for k, lays in LAYOUTS.items() for lay in lays],
-                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{k.split('_')[0]}{v}" for k, v in v.items()) or "dp2")
-def test_two_ranks_match_one_rank(groups, models, one_rank, kind, layout):
-    _, two = groups
-    reference = one_rank[kind]
-    assert reference[-1][0] < reference[0][0] - 0.5  # it learns: an equal loss is not a frozen model
-    got = train(two, setup(two, {"model_dir": str(models[kind]), **TRAIN, **(MOE if kind == "moe" else {}), **layout}))
-    for (loss, norm), (ref_loss, ref_norm) in zip(got, reference):
-        assert abs(loss - ref_loss) < 1e-5 and abs(norm - ref_norm) < 1e-5 * ref_norm, (got, reference)
-
-
 def _gathered_logits(self, batch):
     """Runs inside a rank: the full-vocabulary logits of a batch (TP slices gathered), no pipeline."""
     from megatron.core import tensor_parallel
@@ -111,30 +94,51 @@ def _gathered_logits(self, batch):
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits).clone()
 
 
-@pytest.mark.parametrize("kind,layout", [
-    ("dense", {}), ("dense", {"tensor_model_parallel_size": 2}), ("moe", {}),
-    ("moe", {"tensor_model_parallel_size": 2, "sequence_parallel": True}), ("moe", {"expert_model_parallel_size": 2}),
-], ids=["dense-tp1", "dense-tp2", "moe-tp1", "moe-tp2-sp", "moe-ep2"])
-def test_logits_equal_hf(groups, models, kind, layout):
+@pytest.fixture(scope="module")
+def runs(groups, models):
+    """Every layout once (and each model on one rank): right after loading, each rank's full logits
+    and compute_logprobs on micro_batches()[0]; then STEPS steps' losses and grad norms."""
+    probe = micro_batches()[0]
+    out = {}
+    for kind, ranks, layout in RUNS:
+        group = groups[ranks]
+        per_rank = setup(group, {"model_dir": str(models[kind]), **TRAIN, **(MOE if kind == "moe" else {}), **layout})
+        pipeline = layout.get("pipeline_model_parallel_size", 1) > 1
+        logits = None if pipeline else ray.get([a.__ray_call__.remote(_gathered_logits, probe) for a in group.actors])
+        logprobs = ray.get(group.call_all("compute_logprobs", probe))
+        out[kind, ranks, str(layout)] = {"logits": logits, "logprobs": logprobs, "metrics": train(group, per_rank)}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,layout", LAYOUTS, ids=IDS)
+def test_two_ranks_match_one_rank(runs, kind, layout):
+    reference = runs[kind, 1, "{}"]["metrics"]
+    assert reference[-1][0] < reference[0][0] - 0.5  # it learns: an equal loss is not a frozen model
+    got = runs[kind, 2, str(layout)]["metrics"]
+    for (loss, norm), (ref_loss, ref_norm) in zip(got, reference):
+        assert abs(loss - ref_loss) < 1e-5 and abs(norm - ref_norm) < 1e-5 * ref_norm, (got, reference)
+
+
+@pytest.mark.parametrize("kind,ranks,layout", RUNS, ids=RUN_IDS)
+def test_logits_and_logprobs_equal_hf(runs, models, kind, ranks, layout):
     from transformers import AutoModelForCausalLM
 
-    group = groups[0] if not layout else groups[1]
-    ray.get(group.call_all("setup", {"model_dir": str(models[kind]), **layout}))
+    run = runs[kind, ranks, str(layout)]
     batch = micro_batches()[0]
-    hf = AutoModelForCausalLM.from_pretrained(models[kind])
     with torch.no_grad():
-        expected = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = AutoModelForCausalLM.from_pretrained(models[kind])(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     valid = batch["attention_mask"].bool()
-    for logits in ray.get([a.__ray_call__.remote(_gathered_logits, batch) for a in group.actors]):
-        assert logits.shape == expected.shape
-        assert (logits - expected)[valid].abs().max() < 1e-4
-    # The vocab-parallel log-softmax gives the same log-probs as a plain one.
-    for logprobs in ray.get(group.call_all("compute_logprobs", batch)):
+    for logits in run["logits"] or []:  # pipeline stages hold no full model: log-probs only
+        assert logits.shape == expected.shape and (logits - expected)[valid].abs().max() < 1e-4
+    # The vocab-parallel log-softmax gives the same log-probs as a plain one, on every rank.
+    for logprobs in run["logprobs"]:
         assert (logprobs - token_logprobs(expected, batch["labels"])[0]).abs().max() < 1e-4
 
 
 def test_resume_after_save_gives_the_same_losses(groups, models, tmp_path):
-    _, two = groups
+    two = groups[2]
     config = {"model_dir": str(models["moe"]), **TRAIN, **MOE, "expert_model_parallel_size": 2}
     per_rank = setup(two, config)
     train(two, per_rank, steps=2)
@@ -156,7 +160,7 @@ def test_rollout_logprobs_equal_the_megatron_policy_after_sync(groups, models):
     from swiftray.experience import sequences_batch, tokens_to_completion_values
     from swiftray.models.generation import SamplingParams
 
-    _, two = groups
+    two = groups[2]
     model_dir = str(models["moe"])
     rollout = ActorGroup(RolloutActor, 1, num_cpus_per_worker=0.5, name="megatron-sync-rollout")
     try:

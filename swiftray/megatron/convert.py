@@ -18,6 +18,7 @@ is bit-exact; the conversion itself needs neither megatron-core nor torch.distri
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ MCORE_CONFIG = "mcore_config.json"
 MCORE_WEIGHTS = "mcore_model"
 HF_WEIGHTS = "model"
 FORMAT = "swiftray-mcore"
+logger = logging.getLogger("swiftray")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 SHARD_BYTES = 4 << 30
 
@@ -209,3 +211,36 @@ class CanonicalReader:
         if self.is_mcore:
             return self.files.get(name)
         return hf_map.canonical_from_hf(name, self.files.get, self.shape)
+
+
+def check_export_args(args: Any) -> None:
+    """`swiftray export --to_mcore true` / `--to_hf true`: the flags each direction needs."""
+    from swiftray.arguments import ArgumentError
+
+    if args.to_mcore and args.to_hf:
+        raise ArgumentError("--to_mcore and --to_hf are opposite directions; pass one")
+    if args.adapters or args.merge_lora or args.push_to_hub:
+        raise ArgumentError("--to_mcore / --to_hf convert full weights; they do not take --adapters, --merge_lora "
+                            "or --push_to_hub")
+    source = args.model if args.to_mcore else args.mcore_model
+    flag = "--model" if args.to_mcore else "--mcore_model"
+    if not source:
+        raise ArgumentError(f"{'--to_mcore' if args.to_mcore else '--to_hf'} true needs {flag} (a local folder)")
+    if not os.path.isdir(source):
+        raise ArgumentError(f"{flag} {source}: no such folder")
+    if args.to_hf and not is_mcore_dir(source):
+        raise ArgumentError(f"--mcore_model {source}: no {MCORE_CONFIG} there (not a megatron-core folder)")
+    if args.to_mcore and is_mcore_dir(source):
+        raise ArgumentError(f"--model {source} is already a megatron-core folder")
+    if not args.output_dir:
+        name = os.path.basename(os.path.normpath(source))
+        args.output_dir = f"{name}-mcore" if args.to_mcore else f"{name.removesuffix('-mcore')}-hf"
+
+
+def run_conversion(args: Any) -> Path:
+    if args.to_mcore:
+        out = hf_to_mcore(args.model, args.output_dir)
+    else:
+        out = mcore_to_hf(args.mcore_model, args.output_dir)
+    logger.info("%s written to %s", "megatron-core checkpoint" if args.to_mcore else "HF model", out)
+    return out
