@@ -14,7 +14,7 @@ from _ray import ray_cluster  # noqa: F401
 
 from swiftray.actors.group import ActorGroup
 from swiftray.actors.megatron_policy import MegatronPolicyActor, dp_shards
-from swiftray.actors.policy import token_logprobs
+from swiftray.actors.policy import token_entropy, token_logprobs
 from swiftray.algorithms.sft import SFT
 from swiftray.models.tiny import make_tiny_model
 
@@ -70,12 +70,22 @@ def setup(group: ActorGroup, config: dict) -> list:
     return dp_shards([batches[r::dp] for r in range(dp)], [rank["dp_rank"] for rank in layout])
 
 
+class SFTWithEntropy(SFT):
+    """SFT's loss, reporting the micro-batch's summed next-token entropy (loss_fn metrics are averaged
+    over micro-batches x data-parallel ranks, so every layout reports sum / 4 for micro_batches())."""
+
+    def loss(self, token_logprobs, batch, num_tokens_global):
+        loss, _ = super().loss(token_logprobs, batch, num_tokens_global)
+        return loss, ({"entropy_sum": float(batch["entropies"].sum())} if "entropies" in batch else {})
+
+
 def train(group: ActorGroup, per_rank: list, steps: int = STEPS) -> list[tuple[float, float]]:
+    """(loss, grad_norm) of each step; the first step's entropy metric is appended to the first pair."""
     metrics = []
-    for _ in range(steps):
-        ranks = ray.get(group.call_all_ranked("train_step", per_rank, SFT().loss))
+    for step in range(steps):
+        ranks = ray.get(group.call_all_ranked("train_step", per_rank, SFTWithEntropy().loss, with_entropy=step == 0))
         assert all(r["loss"] == ranks[0]["loss"] and r["grad_norm"] == ranks[0]["grad_norm"] for r in ranks)
-        metrics.append((ranks[0]["loss"], ranks[0]["grad_norm"]))
+        metrics.append((ranks[0]["loss"], ranks[0]["grad_norm"]) + ((ranks[0]["entropy_sum"],) if step == 0 else ()))
     return metrics
 
 
@@ -116,8 +126,9 @@ def test_two_ranks_match_one_rank(runs, kind, layout):
     reference = runs[kind, 1, "{}"]["metrics"]
     assert reference[-1][0] < reference[0][0] - 0.5  # it learns: an equal loss is not a frozen model
     got = runs[kind, 2, str(layout)]["metrics"]
-    for (loss, norm), (ref_loss, ref_norm) in zip(got, reference):
+    for (loss, norm, *_), (ref_loss, ref_norm, *_) in zip(got, reference):
         assert abs(loss - ref_loss) < 1e-5 and abs(norm - ref_norm) < 1e-5 * ref_norm, (got, reference)
+    assert abs(got[0][2] - reference[0][2]) < 1e-4  # entropies: vocab-parallel reductions included
 
 
 @pytest.mark.parametrize("kind,ranks,layout", RUNS, ids=RUN_IDS)
@@ -135,6 +146,14 @@ def test_logits_and_logprobs_equal_hf(runs, models, kind, ranks, layout):
     # The vocab-parallel log-softmax gives the same log-probs as a plain one, on every rank.
     for logprobs in run["logprobs"]:
         assert (logprobs - token_logprobs(expected, batch["labels"])[0]).abs().max() < 1e-4
+    if ranks == 1:  # the first step's entropies (before any update) are HF's too
+        hf = AutoModelForCausalLM.from_pretrained(models[kind])
+        entropy = 0.0
+        for b in micro_batches():
+            with torch.no_grad():
+                logits = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            entropy += float(token_entropy(logits, b["labels"][:, 1:] != -100).sum())
+        assert abs(run["metrics"][0][2] - entropy / 4) < 1e-4
 
 
 def test_resume_after_save_gives_the_same_losses(groups, models, tmp_path):

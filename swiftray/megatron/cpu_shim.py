@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import sys
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -181,6 +183,18 @@ def _gloo_all_to_all_lists() -> None:
     dist.all_to_all_single = all_to_all_single
 
 
+def _quiet_cpu_warnings() -> None:
+    """Warnings megatron-core gives on every CPU run, about GPU libraries and GPU tuning: nothing to act on."""
+    for message in ("Transformer Engine and Apex are not installed", "When using sequence parallelism it is recommended",
+                    "The .grad attribute of a Tensor that is not a leaf", "MimoModelConfig is experimental",
+                    "full scope is deprecated", "Apex is not installed",
+                    r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"):
+        warnings.filterwarnings("ignore", message=message)
+    # Said once per model build: GPTModel's move to HybridModel; DDP computing its buffer layout itself.
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+    logging.getLogger("megatron.core.distributed.distributed_data_parallel").setLevel(logging.ERROR)
+
+
 def install_megatron_patches() -> None:
     """After megatron.core is imported: the CPU RNG tracker, and an accurate gradient norm."""
     _install_rng_tracker()
@@ -244,6 +258,7 @@ def install() -> bool:
     if "megatron.core" in sys.modules and "megatron.core.transformer.moe.ops.paged_stash" not in sys.modules:
         raise RuntimeError("swiftray.megatron.cpu_shim.install() must run before megatron.core is imported")
     _stub_triton_module()
+    _quiet_cpu_warnings()
     _patch_torch_cuda()
     _gloo_all_to_all_lists()
     _INSTALLED = True

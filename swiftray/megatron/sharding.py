@@ -143,16 +143,17 @@ def load_weights(model: torch.nn.Module, layout: dict[str, Piece], get: Callable
 # --- gathering to rank 0 --------------------------------------------------------------------
 def all_gather_json(value: object, group: dist.ProcessGroup | None = None) -> list:
     """Every rank's JSON-serialisable `value`, in rank order (byte tensors, no pickle)."""
+    device = _comm_device()  # nccl moves only GPU tensors
     data = torch.tensor(list(json.dumps(value).encode("utf-8")), dtype=torch.uint8)
     world = dist.get_world_size(group)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64), group=group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device), group=group)
     longest = int(max(s.item() for s in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8)
     padded[:data.numel()] = data
-    chunks = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(chunks, padded, group=group)
-    return [json.loads(bytes(c[:int(s.item())].tolist()).decode("utf-8")) for c, s in zip(chunks, sizes)]
+    chunks = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(chunks, padded.to(device), group=group)
+    return [json.loads(bytes(c[:int(s.item())].cpu().tolist()).decode("utf-8")) for c, s in zip(chunks, sizes)]
 
 
 def _comm_device() -> torch.device:
