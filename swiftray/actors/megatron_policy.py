@@ -153,7 +153,7 @@ class MegatronPolicyActor(DistributedWorker):
         model_parallel_cuda_manual_seed(cfg.seed)
         use_te = _use_transformer_engine(cfg.transformer_impl)
         opts = model.BuildOptions(
-            dtype=cfg.torch_dtype, transformer_impl="transformer_engine" if use_te else "local",
+            dtype=cfg.torch_dtype, use_te=use_te,
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_grouped_gemm=cfg.moe_grouped_gemm and use_te,
             moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
             moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
@@ -272,10 +272,17 @@ class MegatronPolicyActor(DistributedWorker):
 
         pad = self.layout_.tp if self.layout_.sp else 1
         device = _device()
+        flash = self.tf_config.attention_backend.name == "flash"
         items = []
         for b in batches:
             b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
             inputs = {k: v.to(device) for k, v in model_inputs(b, pad_to_multiple=pad).items()}
+            if flash:  # flash attention takes no mask: causal only, which right padding needs no more than
+                mask = b.get("attention_mask")
+                if b.get("position_ids") is not None or (mask is not None and mask.dim() == 4):
+                    raise ValueError("MegatronPolicyActor: flash attention with packed rows needs megatron-core's "
+                                     "THD layout (packed_seq_params), not built here; set use_flash_attn False")
+                inputs["attention_mask"] = None
             items.append((inputs, b, loss_labels(b)))
         stats: dict[str, Any] = {"loss": 0.0, "correct": 0, "extra": {}, "logprobs": []}
         scale = len(batches) * ps.get_data_parallel_world_size()

@@ -100,7 +100,7 @@ class BuildOptions:
     """Training options that change how the model is built."""
 
     dtype: str = "float32"
-    transformer_impl: str = "local"  # local | transformer_engine (GPU)
+    use_te: bool = False  # TransformerEngine layer spec (GPU)
     moe_aux_loss_coeff: float = 0.0
     moe_grouped_gemm: bool = False  # GPU with TransformerEngine only
     moe_token_dispatcher_type: str = "alltoall"
@@ -112,11 +112,12 @@ class BuildOptions:
     recompute_num_layers: int | None = None
     recompute_modules: tuple[str, ...] = ("core_attn",)
     use_flash_attn: bool = False  # GPU with TransformerEngine only
-    fusions: bool = False  # GPU kernels (bias-activation, bias-dropout, masked softmax, RoPE, grad-accum)
+    fusions: bool = False  # GPU kernels (bias-activation, bias-dropout, masked softmax; grad-accum with TE)
 
 
 def transformer_config(shape: ModelShape, layout: Layout, opts: BuildOptions) -> Any:
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnBackend
 
     dtype = DTYPES[opts.dtype]
     moe: dict[str, Any] = {}
@@ -153,7 +154,8 @@ def transformer_config(shape: ModelShape, layout: Layout, opts: BuildOptions) ->
         use_cpu_initialization=True, perform_initialization=False,
         bias_activation_fusion=opts.fusions and on_gpu, bias_dropout_fusion=opts.fusions and on_gpu,
         masked_softmax_fusion=opts.fusions and on_gpu, apply_rope_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=opts.fusions and on_gpu,
+        gradient_accumulation_fusion=opts.fusions and on_gpu and opts.use_te,  # local layers need apex for it
+        attention_backend=AttnBackend.flash if opts.use_flash_attn and opts.use_te else AttnBackend.auto,
         attention_softmax_in_fp32=True, deallocate_pipeline_outputs=False,
         # Checked for dense models too: the allgather default refuses variable_seq_lengths (PP).
         moe_token_dispatcher_type=opts.moe_token_dispatcher_type,

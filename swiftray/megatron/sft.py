@@ -123,6 +123,10 @@ def run_megatron_sft(args: MegatronSftArguments) -> Path | None:
     on_gpu = worker_resources(args.world_size)[1] > 0
     args.explain_gpu_only(on_gpu)
     dtype = args.torch_dtype or _checkpoint_dtype(args.load, on_gpu)
+    if on_gpu and args.use_flash_attn and args.packing:
+        logger.info("--use_flash_attn true with --packing true: packed rows need megatron-core's THD layout, which "
+                    "swiftray does not build yet; attention runs with a block-diagonal mask instead")
+        args.use_flash_attn = False
     group, dp_ranks = start_group(args, policy_config(args, total_steps, warmup, dtype))
 
     step, resume = 0, _resume_state(args)
