@@ -116,7 +116,14 @@ def runs(groups, models):
         pipeline = layout.get("pipeline_model_parallel_size", 1) > 1
         logits = None if pipeline else ray.get([a.__ray_call__.remote(_gathered_logits, probe) for a in group.actors])
         logprobs = ray.get(group.call_all("compute_logprobs", probe))
-        out[kind, ranks, str(layout)] = {"logits": logits, "logprobs": logprobs, "metrics": train(group, per_rank)}
+        evaluated = ray.get(group.call_all_ranked("eval_step", per_rank, SFT().loss))
+        assert all(e == evaluated[0] for e in evaluated)
+        metrics = train(group, per_rank)
+        exported = {}  # the trained weights, gathered to rank 0 in HF names, in 256 KiB buckets
+        for ref in ray.get(group.call_all("export_weights", 256 << 10))[0]:
+            exported.update(ray.get(ref))
+        out[kind, ranks, str(layout)] = {"logits": logits, "logprobs": logprobs, "metrics": metrics,
+                                         "exported": exported, "eval": evaluated[0]}
     return out
 
 
@@ -129,6 +136,15 @@ def test_two_ranks_match_one_rank(runs, kind, layout):
     for (loss, norm, *_), (ref_loss, ref_norm, *_) in zip(got, reference):
         assert abs(loss - ref_loss) < 1e-5 and abs(norm - ref_norm) < 1e-5 * ref_norm, (got, reference)
     assert abs(got[0][2] - reference[0][2]) < 1e-4  # entropies: vocab-parallel reductions included
+    # eval_step on the same batches before any update: the first step's loss, no gradient, no step.
+    evaluated = runs[kind, 2, str(layout)]["eval"]
+    assert abs(evaluated["loss"] - reference[0][0]) < 1e-5 and evaluated["num_tokens"] > 0
+    # The export gathers every TP/PP/EP slice: the same HF tensors as one rank's, after the same steps.
+    # (1e-4: Adam's m / (sqrt(v) + eps) turns 1e-7 gradient noise into ~1e-5 where gradients are ~eps;
+    # a misplaced slice would be off by the weights' scale, 1e-2, or three updates, 3e-3.)
+    mine, theirs = runs[kind, 2, str(layout)]["exported"], runs[kind, 1, "{}"]["exported"]
+    assert mine.keys() == theirs.keys()
+    assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) < 1e-4
 
 
 @pytest.mark.parametrize("kind,ranks,layout", RUNS, ids=RUN_IDS)

@@ -131,15 +131,20 @@ def test_resume_from_a_checkpoint_continues_with_the_same_losses(tiny_model_dir,
     """`--load checkpoint-N --finetune false`: iteration, optimizer, RNG and data position come back."""
     common = ["--dataset", "swiftray/arithmetic#40", "--micro_batch_size", "2", "--global_batch_size", "8",
               "--train_iters", "3", "--save_interval", "2", "--log_interval", "1", "--lr", "1e-3",
-              "--lr_warmup_iters", "1", "--report_to", "none", "--recompute_granularity", "none"]
+              "--lr_warmup_iters", "1", "--report_to", "none", "--recompute_granularity", "none",
+              "--split_dataset_ratio", "0.2", "--eval_iters", "1"]
     first = run_megatron_sft(parse(["--load", str(tiny_model_dir), "--save", str(tmp_path / "a"), *common], monkeypatch))
     resumed = run_megatron_sft(parse(["--load", str(first / "checkpoint-2"), "--finetune", "false",
                                       "--save", str(tmp_path / "b"), *common], monkeypatch))
 
-    def losses(run: Path) -> dict[int, float]:
-        return {r["step"]: r["train/loss"] for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines())}
+    def losses(run: Path, key: str = "train/loss") -> dict[int, float]:
+        rows = map(json.loads, (run / "logging.jsonl").read_text().splitlines())
+        return {r["step"]: r[key] for r in rows if key in r}
 
     assert sorted(losses(first)) == [1, 2, 3] and sorted(losses(resumed)) == [3]
     assert losses(resumed)[3] == pytest.approx(losses(first)[3], abs=1e-6)
     assert losses(first)[3] != pytest.approx(losses(first)[2], abs=1e-3)  # a different batch, a different loss
     assert json.loads((resumed / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    # Evaluation on the held-out 20% at --eval_interval (= --save_interval) and at the end, same in both.
+    assert sorted(losses(first, "eval/loss")) == [2, 3]
+    assert losses(resumed, "eval/loss")[3] == pytest.approx(losses(first, "eval/loss")[3], abs=1e-6)
