@@ -68,6 +68,8 @@ def test_reference_flags_keep_their_megatron_meanings(tiny_moe, monkeypatch):
     (["--tensor_model_parallel_size", "4"], {}, "not a multiple of --tensor_model_parallel_size"),
     (["--context_parallel_size", "2"], {}, "only 1 is supported"),
     (["--recompute_granularity", "some"], {}, "expected full, selective or none"),
+    (["--tensor_model_parallel_size", "2"], {}, "MoE model with tensor_model_parallel_size > 1 needs --sequence_parallel"),
+    (["--expert_model_parallel_size", "3"], {}, "= 3 must divide data parallel x tensor parallel = 2"),
     ([], {"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK='2'"),
 ])
 def test_bad_flags_fail_with_a_reason(tiny_moe, monkeypatch, argv, env, message):
@@ -132,7 +134,7 @@ def test_resume_from_a_checkpoint_continues_with_the_same_losses(tiny_model_dir,
     common = ["--dataset", "swiftray/arithmetic#40", "--micro_batch_size", "2", "--global_batch_size", "8",
               "--train_iters", "3", "--save_interval", "2", "--log_interval", "1", "--lr", "1e-3",
               "--lr_warmup_iters", "1", "--report_to", "none", "--recompute_granularity", "none",
-              "--split_dataset_ratio", "0.2", "--eval_iters", "1"]
+              "--split_dataset_ratio", "0.2", "--eval_iters", "1", "--num_cpus_per_worker", "1"]
     first = run_megatron_sft(parse(["--load", str(tiny_model_dir), "--save", str(tmp_path / "a"), *common], monkeypatch))
     resumed = run_megatron_sft(parse(["--load", str(first / "checkpoint-2"), "--finetune", "false",
                                       "--save", str(tmp_path / "b"), *common], monkeypatch))

@@ -392,12 +392,13 @@ class MegatronPolicyActor(DistributedWorker):
         """Rank 0 writes the whole model as a megatron-core folder (any layout can load it); unless
         save_only_model, every rank adds its optimizer shard, schedule and RNG (see train_state.py)."""
         from swiftray.megatron import convert, sharding, train_state
+        from swiftray.megatron.hf_map import canonical_names
 
         with cpu_shim.device_mode():
             full = sharding.gather_full(self.model, self.pieces)
             if self.rank == 0:
                 os.makedirs(path, exist_ok=True)
-                names = [n for n in _canonical_order(self.shape) if n in full]
+                names = [n for n in canonical_names(self.shape) if n in full]
                 convert.write_mcore_dir(path, ((n, full[n]) for n in names), source=self.cfg.model_dir,
                                         extra={"iteration": self.global_step})
             del full
@@ -482,12 +483,6 @@ class MegatronPolicyActor(DistributedWorker):
                     if isinstance(value, torch.Tensor) and key != "step":
                         state[key] = value.to(device, non_blocking=True)
         torch.cuda.synchronize()
-
-
-def _canonical_order(shape: Any) -> list[str]:
-    from swiftray.megatron.hf_map import canonical_names
-
-    return canonical_names(shape)
 
 
 def _device() -> torch.device:

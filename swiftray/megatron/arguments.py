@@ -152,6 +152,7 @@ class MegatronSftArguments(MegatronModelArguments, DataArguments, TemplateArgume
             raise ArgumentError(f"{self.world_size} workers (NPROC_PER_NODE x NNODES) are not a multiple of "
                                 f"--tensor_model_parallel_size x --pipeline_model_parallel_size = {model_parallel}")
         self.data_parallel_size = self.world_size // model_parallel
+        _check_layout(self)
         per_step = self.micro_batch_size * self.data_parallel_size
         if self.global_batch_size % per_step:
             raise ArgumentError(f"--global_batch_size {self.global_batch_size} is not a multiple of --micro_batch_size "
@@ -179,6 +180,19 @@ class MegatronSftArguments(MegatronModelArguments, DataArguments, TemplateArgume
         if self.moe_shared_expert_overlap:
             logger.info("--moe_shared_expert_overlap true: takes effect with shared experts only; "
                         "Qwen3 models have none")
+
+
+def _check_layout(args: MegatronSftArguments) -> None:
+    """The model and the world must take the parallel sizes: fail here, before Ray starts."""
+    from swiftray.megatron.convert import model_shape_of
+    from swiftray.megatron.model import Layout
+
+    layout = Layout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                    ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size, sp=args.sequence_parallel)
+    try:
+        layout.check(args.world_size, model_shape_of(args.load))
+    except (ValueError, FileNotFoundError) as err:
+        raise ArgumentError(f"--load {args.load}: {err}") from None
 
 
 def _node_rank(nnodes: int) -> int:
