@@ -82,13 +82,16 @@ def test_tp_slices_put_back_together(kind, parts):
         assert pieces[-1].shape == (16, 8 // parts)
 
 
-def test_runtime_names_are_the_live_transformers_names(tiny_moe_dir):
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_runtime_names_are_the_live_transformers_names(kind, tiny_model_dir, tiny_moe_dir):
+    """What export_weights sends a rollout engine: a live model's state_dict names (fused experts, tied head)."""
     from transformers import AutoModelForCausalLM
 
-    shape = convert.model_shape_of(tiny_moe_dir)
-    source = convert.SafetensorsFolder(tiny_moe_dir, "model")
+    folder = tiny_model_dir if kind == "dense" else tiny_moe_dir
+    shape = convert.model_shape_of(folder)
+    source = convert.SafetensorsFolder(folder, "model")
     canonical = dict(hf_map.hf_to_canonical(source.get, shape))
-    live = AutoModelForCausalLM.from_pretrained(tiny_moe_dir).state_dict()
+    live = AutoModelForCausalLM.from_pretrained(folder).state_dict()
     fused = any(k.endswith("experts.gate_up_proj") for k in live)
     named = dict(hf_map.fuse_experts_for_runtime(hf_map.canonical_to_hf(canonical.__getitem__, shape), shape, fused))
     assert named.keys() == live.keys()
