@@ -16,4 +16,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 .venv/bin/pip install -q -e ".[test]"
+# megatron-core for the Megatron policy backend (swiftray/megatron). Releases from 0.17 declare Python >= 3.12,
+# yet 0.19.2's cp311 wheel works on 3.11; --no-deps stops pip building numpy from source, so its own
+# dependencies (numpy, packaging, einops) go in first. Triton and TransformerEngine are GPU-only and not needed.
+.venv/bin/pip install -q numpy packaging einops
+.venv/bin/pip install -q --no-deps --ignore-requires-python "megatron-core==0.19.2"
 echo "swiftray installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -276,8 +276,17 @@ class ExportArguments(ModelArguments):
     hub_private_repo: bool = arg(False, "create the hub repository as private")
     commit_message: str = arg("update files", "hub commit message")
 
+    to_mcore: bool = arg(False, "convert --model (an HF folder) to a megatron-core checkpoint in --output_dir")
+    to_hf: bool = arg(False, "convert --mcore_model (megatron-core, e.g. a megatron sft checkpoint) to HF in --output_dir")
+    mcore_model: str | None = arg(None, "the megatron-core folder --to_hf true converts")
+
     def finalize(self) -> ExportArguments:
         check_values(self)
+        if self.to_mcore or self.to_hf:
+            from swiftray.megatron.convert import check_export_args
+
+            check_export_args(self)
+            return self
         fill_from_adapter_args(self)
         if self.push_to_hub and not self.hub_model_id:
             raise ArgumentError("--push_to_hub needs --hub_model_id")

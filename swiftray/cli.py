@@ -8,15 +8,16 @@ import os
 import sys
 
 from swiftray.arguments import COMMANDS, ArgumentError
-from swiftray.cli_parser import parse_args
+from swiftray.cli_parser import parse_args, parse_bool
 
-USAGE = """usage: swiftray {sft,rlhf,infer,export,make-tiny-model} [flags] [config.yaml]
+USAGE = """usage: swiftray {sft,rlhf,infer,export,megatron,make-tiny-model} [flags] [config.yaml]
 
 commands:
   sft              supervised fine-tuning (full, LoRA, DoRA) on a Ray actor group
   rlhf             RL training: --rlhf_type grpo | dapo
   infer            chat with a model or adapter, or batch-generate over --val_dataset
-  export           merge a LoRA adapter (--merge_lora true) or push to a hub
+  export           merge a LoRA adapter (--merge_lora true), convert HF <-> megatron-core, or push to a hub
+  megatron         `swiftray megatron sft`: megatron-core training (TP, PP, EP, SP)
   make-tiny-model  write a small Qwen3-style model and tokenizer for offline tests and demos
 
 `swiftray COMMAND --help` lists every flag with its meaning and default."""
@@ -32,10 +33,12 @@ def make_tiny_model_main(argv: list[str]) -> None:
     parser.add_argument("--num_layers", type=int, default=2, help="transformer layers")
     parser.add_argument("--num_heads", type=int, default=4, help="attention heads (head_dim stays >= 32)")
     parser.add_argument("--intermediate_size", type=int, default=384, help="MLP width")
+    parser.add_argument("--moe", type=parse_bool, default=False,
+                        help="a Qwen3-MoE model (4 experts, top-2) instead of a dense Qwen3")
     opts = parser.parse_args(argv)
     path = make_tiny_model(
         opts.output_dir, seed=opts.seed, hidden_size=opts.hidden_size, num_layers=opts.num_layers,
-        num_heads=opts.num_heads, intermediate_size=opts.intermediate_size,
+        num_heads=opts.num_heads, intermediate_size=opts.intermediate_size, moe=opts.moe,
     )
     print(f"tiny model written to {path}")
 
@@ -70,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command == "make-tiny-model":
             make_tiny_model_main(rest)
+        elif command == "megatron":
+            from swiftray.megatron.command import megatron_main
+
+            megatron_main(rest)
         elif command in COMMANDS:
             run_command(command, rest)
         else:

@@ -103,6 +103,10 @@ def push_to_hub(folder: str, hub_model_id: str, *, token: str | None, use_hf: bo
 
 
 def run_export(args: Any) -> Path | str:
+    if args.to_mcore or args.to_hf:
+        from swiftray.megatron.convert import run_conversion
+
+        return run_conversion(args)
     result: Path | str = Path(args.adapters[0] if args.adapters else args.model)
     if args.merge_lora:
         result = merge_lora(args.model, args.adapters, args.output_dir, args.torch_dtype)

@@ -1,8 +1,9 @@
 """Build a tiny Qwen3-style model and tokenizer offline, for tests and demos.
 
 No model hub is reachable, so every test builds its model here: a randomly
-initialised `Qwen3ForCausalLM` and a byte-level BPE tokenizer trained on a
-small built-in text. The output is an ordinary Hugging Face folder that
+initialised `Qwen3ForCausalLM` (or, with `moe=True`, a `Qwen3MoeForCausalLM`
+like Qwen3-30B-A3B: routed experts, top-k, untied head) and a byte-level BPE
+tokenizer trained on a small built-in text. The output is an ordinary Hugging Face folder that
 `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`
 (and vLLM) load like a real checkpoint.
 
@@ -17,7 +18,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from swiftray.models.chat_template import QWEN3_CHAT_TEMPLATE
 
@@ -184,23 +192,33 @@ def make_tiny_model(
     vocab_size: int = 2000,
     max_position_embeddings: int = 2048,
     corpus: list[str] | None = None,
+    moe: bool = False,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    moe_intermediate_size: int = 96,
 ) -> Path:
     """Write a randomly initialised tiny Qwen3 model and its tokenizer to `output_dir`; return the path.
 
     `vocab_size` is the size of the embedding matrix; the tokenizer gets as many tokens as its corpus
     allows up to that size (the built-in corpus reaches 2000), the rest are unused rows as in real Qwen.
+
+    moe=True: a Qwen3-MoE model as Qwen3-30B-A3B is built: every layer's MLP is `num_experts` routed
+    experts of width `moe_intermediate_size`, `num_experts_per_tok` of them per token with their
+    probabilities renormalised (norm_topk_prob), and an output head of its own (untied).
     """
     if head_dim < 32:
         raise ValueError(f"head_dim={head_dim}: vLLM's CPU attention kernels need head_dim >= 32")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    if moe and not 1 <= num_experts_per_tok <= num_experts:
+        raise ValueError(f"num_experts_per_tok={num_experts_per_tok} must lie in 1..num_experts={num_experts}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = train_tokenizer(vocab_size, corpus)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    config = Qwen3Config(
+    common = dict(
         vocab_size=max(vocab_size, len(tokenizer)),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -209,13 +227,21 @@ def make_tiny_model(
         num_key_value_heads=num_kv_heads,
         head_dim=head_dim,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,  # as Qwen3-0.6B: other code must cope with tied weights
         bos_token_id=None,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         dtype=torch.float32,
     )
-    config.architectures = ["Qwen3ForCausalLM"]
+    if moe:
+        config = Qwen3MoeConfig(**common, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                                moe_intermediate_size=moe_intermediate_size, norm_topk_prob=True,
+                                decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)
+        model_cls = Qwen3MoeForCausalLM
+    else:
+        # Tied, as Qwen3-0.6B: other code must cope with tied weights.
+        config = Qwen3Config(**common, tie_word_embeddings=True)
+        model_cls = Qwen3ForCausalLM
+    config.architectures = [model_cls.__name__]
     # transformers 5 writes only `rope_parameters`; readers built on 4.x look for `rope_theta` and would
     # silently use Qwen3's default of 1e6 instead, so write the legacy key too.
     config.rope_theta = config.rope_parameters["rope_theta"]
@@ -223,7 +249,7 @@ def make_tiny_model(
     rng_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
+        model = model_cls(config)
     finally:
         torch.random.set_rng_state(rng_state)
     # Greedy by default (tests expect reproducible generate); stop on either end token, as Qwen3 does.
