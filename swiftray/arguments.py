@@ -148,6 +148,10 @@ class TrainArguments:
     ray_address: str | None = arg(None, "join this Ray cluster (also RAY_ADDRESS); unset: start a local one")
     num_cpus_per_worker: float | None = arg(None, "logical CPUs each policy worker asks Ray for; unset: fit the machine", gt=0)
     add_version: bool = arg(True, "put each run in a new vN-timestamp folder under --output_dir")
+    ray_bind_all_interfaces: bool = arg(False, "a local Ray started by swiftray listens on every interface so "
+                                               "that other nodes can join it; default: loopback only")
+    max_nonfinite_steps: int = arg(3, "a step whose loss or gradient norm is not finite is skipped; the run "
+                                      "stops after this many in a row (0: never)", min=0)
     print_plan: bool = arg(False, "print where every role will run, batch sizes and step counts, then exit "
                                   "without starting anything")
 
@@ -195,6 +199,9 @@ class RlhfArguments(SftArguments, GenerationArguments):
     overlong_filter: bool = arg(False, "truncated completions get no loss")
     reward_funcs: list[str] = arg([], "reward functions: accuracy format cosine repetition soft_overlong or plug-ins")
     reward_weights: list[float] | None = arg(None, "one weight per reward function; unset: all 1")
+    nonfinite_reward: str = arg("error", "a NaN or infinite reward: error (stop, naming the function, sample and "
+                                         "value) | missing (count it as no reward, logged)",
+                                choices=("error", "missing"))
     external_plugins: list[str] = arg([], "Python files that register reward functions or algorithms")
     soft_max_length: int | None = arg(None, "soft_overlong: max length; unset: --max_completion_length", min=1)
     soft_cache_length: int | None = arg(None, "soft_overlong: length of the penalty ramp before the max", min=0)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from swiftray.arguments import COMMANDS, ArgumentError
+from swiftray.checkpoint import install_secret_filter
 from swiftray.cli_parser import parse_args, parse_bool
 
 USAGE = """usage: swiftray {sft,rlhf,infer,export,megatron,make-tiny-model} [flags] [config.yaml]
@@ -45,6 +46,7 @@ def make_tiny_model_main(argv: list[str]) -> None:
 
 def run_command(command: str, argv: list[str]) -> None:
     args = parse_args(COMMANDS[command], argv, prog=f"swiftray {command}")
+    install_secret_filter(vars(args))  # token values never reach the console or a log file
     if command == "sft":
         from swiftray.controller import run_sft
 

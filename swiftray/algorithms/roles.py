@@ -12,7 +12,7 @@ from swiftray.actors.configs import ReferenceConfig, RewardConfig
 from swiftray.algorithms.base import RoleSpec
 from swiftray.paths import absolute
 
-REWARD_SETTINGS = ("max_completion_length", "soft_max_length", "soft_cache_length", "cosine_min_len_value_wrong",
+REWARD_SETTINGS = ("nonfinite_reward", "max_completion_length", "soft_max_length", "soft_cache_length", "cosine_min_len_value_wrong",
                    "cosine_max_len_value_wrong", "cosine_min_len_value_correct", "cosine_max_len_value_correct",
                    "cosine_max_len", "repetition_n_grams", "repetition_max_penalty")
 

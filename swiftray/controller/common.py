@@ -61,7 +61,7 @@ def plan_or_print(args: Any, algorithm: Algorithm, train_units: int, command: st
         return None
     check_installed(plan)
     if not ray.is_initialized():
-        init_ray(None)
+        init_ray(None, bind_all_interfaces=plan.ray_bind_all_interfaces)
         plan = build_plan(args, algorithm, cluster_from_ray(), train_units, command)
     for note in plan.notes:
         logger.warning(note)

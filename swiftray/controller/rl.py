@@ -159,7 +159,7 @@ def run_rlhf(args: Any) -> Path | None:
     ship_plugins_by_value()
     algorithm = get_algorithm(args.rlhf_type).from_args(args)
     draft = build_plan(args, algorithm, planning_cluster(args), command="rlhf")  # every flag checked
-    tokenizer = load_tokenizer(draft.model)
+    tokenizer = load_tokenizer(draft.model, template=draft.template.template)
     template = make_template(tokenizer, draft.template)
     train_ds, val_ds = load_train_val(draft.data, allow_no_response=True)
     train_prompts = encode_prompts(train_ds, template)

@@ -45,7 +45,7 @@ def run_sft(args: Any) -> Path | None:
     resume_model(args)
     algorithm = SFT()
     draft = build_plan(args, algorithm, planning_cluster(args), command="sft")  # every flag checked
-    tokenizer = load_tokenizer(draft.model)
+    tokenizer = load_tokenizer(draft.model, template=draft.template.template)
     template = make_template(tokenizer, draft.template)
     train_ds, val_ds = load_train_val(draft.data)
     train = encode_dataset(train_ds, template, num_proc=draft.data.num_proc, name="train")

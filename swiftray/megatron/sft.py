@@ -27,14 +27,16 @@ from swiftray import checkpoint as ckpt
 from swiftray.actors.group import ActorGroup
 from swiftray.actors.megatron_policy import MegatronPolicyActor, dp_shards
 from swiftray.algorithms.sft import SFT
-from swiftray.cluster import init_ray, worker_resources
-from swiftray.controller.common import absolute, seed_everything, start_run
-from swiftray.controller.sft import mean_metrics
+from swiftray.cluster import init_ray
+from swiftray.controller.common import mean_metrics, seed_everything
 from swiftray.data.batching import StepBatcher, eval_batches
 from swiftray.data.pipeline import encode_dataset, load_train_val
 from swiftray.data.template import Template
 from swiftray.megatron.arguments import MegatronSftArguments
 from swiftray.models.loader import load_tokenizer
+from swiftray.paths import absolute
+from swiftray.placement import cluster_from_ray
+from swiftray.plan import data_plan
 from swiftray.tracking import Tracker
 
 logger = logging.getLogger("swiftray")
@@ -69,6 +71,12 @@ def policy_config(args: MegatronSftArguments, total_steps: int, warmup: int, dty
         "lr_scheduler_type": args.lr_decay_style, "warmup_steps": warmup, "lr_decay_steps": args.lr_decay_iters,
         "total_steps": total_steps, "max_grad_norm": args.clip_grad,
     }
+
+
+def worker_resources(world_size: int) -> tuple[float, float]:
+    """(CPUs, GPUs) per Megatron rank: a GPU each when the cluster has enough, the cores shared out."""
+    cluster = cluster_from_ray()
+    return max(0.5, round(cluster.cpus / world_size / 2, 2)), 1.0 if cluster.gpus >= world_size else 0.0
 
 
 def start_group(args: MegatronSftArguments, config: dict[str, Any]) -> tuple[ActorGroup, list[int]]:
@@ -107,11 +115,12 @@ def run_megatron_sft(args: MegatronSftArguments) -> Path | None:
         return None
     seed_everything(args.seed)
     args.output_dir = args.save  # start_run's name for the output folder
-    run_dir = start_run(args)
+    run_dir = ckpt.make_run_dir(args.output_dir, args.add_version)
+    ckpt.write_json(run_dir / "args.json", ckpt.args_to_dict(args))
     tokenizer = load_tokenizer(args.load)
     template = Template(tokenizer, default_system=args.system, max_length=args.max_length,
                         truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale)
-    train_ds, val_ds = load_train_val(args)
+    train_ds, val_ds = load_train_val(data_plan(args))
     train = encode_dataset(train_ds, template, num_proc=args.dataset_num_proc, name="train")
     val = encode_dataset(val_ds, template, num_proc=args.dataset_num_proc, name="val") if val_ds else []
     logger.info("%d training samples, %d validation samples", len(train), len(val))
