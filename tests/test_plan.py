@@ -215,6 +215,7 @@ def test_roles_start_where_the_plan_says_on_fake_gpus(tiny_model_dir, tmp_path, 
     script.write_text(FAKE_GPU_SCRIPT)
     flags = list(GRPO_FLAGS)
     flags[flags.index("--num_infer_workers") + 1] = "4"
+    flags[flags.index("--num_generations") + 1] = "8"
     env = {**os.environ, "NPROC_PER_NODE": "4", "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     done = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(nodes), json.dumps(flags)],
