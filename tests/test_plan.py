@@ -61,6 +61,7 @@ def test_reference_grpo_command_colocates_one_engine_per_gpu_beside_its_rank(tin
     assert plan.dtype == "bfloat16"
     assert {policy.config.torch_dtype, rollout.config.torch_dtype, reference.config.torch_dtype} == {"bfloat16"}
     assert rollout.config.engine == "vllm" and rollout.config.vllm_gpu_memory_utilization == 0.4
+    assert rollout.config.sleep_level == 1  # the engines are made able to sleep
     assert policy.config.backend == "deepspeed" and plan.dist_backend == "nccl"
     # 2 per rank x 8 ranks x 1 accumulation = 16 completions: one prompt of 16 per step.
     assert plan.batch.completions_per_generation == 16 and plan.batch.prompts_per_generation == 1

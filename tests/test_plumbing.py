@@ -87,3 +87,28 @@ def test_reward_actor_passes_each_completions_own_ids_and_prompts():
     assert SEEN["prompt_ids"] == [[1, 2, 3], [4, 5]]
     # TRL passes `prompts` as the conversation that was prompted (its chat format).
     assert SEEN["prompts"] == messages
+
+
+VERL_FILE = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    """verl's signature: one completion at a time; a dict with a "score" works too."""
+    if data_source == "dict":
+        return {"score": 2.0, "acc": True}
+    return 1.0 if solution_str.strip() == str(ground_truth) else 0.25 * (extra_info or {}).get("bonus", 0)
+'''
+
+
+def test_verl_style_compute_score_is_a_reward_plugin(tmp_path):
+    plugin = tmp_path / "verl_reward.py"
+    plugin.write_text(VERL_FILE)
+    actor = RewardActor()
+    actor.setup({"reward_funcs": ["compute_score"], "external_plugins": [str(plugin)]})
+    batch = RolloutBatch(prompt_ids=[[1]] * 3, completion_ids=[[2]] * 3, completions=["4", "5", "x"],
+                         truncated=[False] * 3, group=[0, 0, 0], version=0,
+                         columns={"solution": ["4", "4", "4"], "data_source": ["math", "math", "dict"],
+                                  "extra_info": [{"bonus": 0}, {"bonus": 2}, None]})
+    total, per_func = actor.score(batch)
+    assert total == [1.0, 0.5, 2.0] and per_func["compute_score"] == [1.0, 0.5, 2.0]
+    # verl's parquet layout: the ground truth inside the reward_model column.
+    batch.columns = {"reward_model": [{"ground_truth": "5"}] * 3}
+    assert actor.score(batch)[0] == [0.0, 1.0, 0.0]

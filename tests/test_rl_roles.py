@@ -76,6 +76,7 @@ def test_a_plugin_algorithm_adds_a_trained_role_without_controller_changes(ray_c
                                                                           tmp_path):
     run_dir = run(tmp_path, tiny_model_dir, "--rlhf_type", "grpo_value_baseline", "--external_plugins",
                   str(REPO / "scripts" / "plugins" / "value_baseline.py"), "--max_steps", "4", "--beta", "0",
+                  "--reward_funcs", "completion_chars",
                   "--save_strategy", "steps", "--save_steps", "4")
     lines = train_lines(run_dir)
     assert [line["step"] for line in lines] == [1, 2, 3, 4]

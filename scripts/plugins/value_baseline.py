@@ -27,6 +27,7 @@ from swiftray.actors.group import DistributedWorker
 from swiftray.algorithms import register_algorithm
 from swiftray.algorithms.base import RoleSpec
 from swiftray.algorithms.grpo import GRPO
+from swiftray.rewards import register_reward
 
 BUCKETS = 512  # hashed token features
 
@@ -90,7 +91,13 @@ class BaselineActor(DistributedWorker):
 def baseline_loss(predictions: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """Squared error of the predicted reward against the reward each completion got."""
     error = predictions - batch["rewards"]
-    return (error ** 2).mean(), {"abs_error": float(error.abs().mean())}
+    return (error ** 2).mean(), {"abs_error": float(error.detach().abs().mean())}
+
+
+@register_reward("completion_chars")
+def completion_chars(completions: list[str], **kwargs: Any) -> list[float]:
+    """A reward that differs between completions even from an untrained model: the text's length / 50."""
+    return [len(c) / 50.0 for c in completions]
 
 
 @register_algorithm("grpo_value_baseline")

@@ -79,6 +79,15 @@ class DistributedWorker:
         torch.set_num_threads(max(1, int((os.cpu_count() or 1) * share)))
         return torch.get_num_threads()
 
+    def device_memory_gb(self) -> float | None:
+        """GiB in use on this actor's GPU (every process on it, as nvidia-smi counts); None without CUDA."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**30
+
     def ping(self) -> dict[str, Any]:
         """Rank facts, for tests and debugging."""
         import torch

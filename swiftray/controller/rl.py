@@ -65,6 +65,7 @@ class RLStep:
         self.shared_sync = len(set(nodes)) == 1
         # Trained beside the policy on the same shards: the policy and any role in the "train" phase.
         self.trained = {"policy": roles["policy"], **{r.name: roles[r.name] for r in plan.roles_in("train")}}
+        self.memory: dict[str, float] = {}
 
     def generate(self, rows: list[dict[str, Any]], params: Any, seed: int) -> list[ray.ObjectRef]:
         """Scored rollouts of `rows`: a chunk of --rollout_batch_size prompts per call, handed to the engines
@@ -130,25 +131,36 @@ class RLStep:
         ray.get(self.roles["rollout"].call_all("update_weights", version, exports[0]) + exports[1:])
         return time.time() - start
 
-    # Colocated mode: the engines and the policy take turns with the devices they share.
+    # Colocated mode: the engines and the policy take turns with the devices they share. On GPUs,
+    # `memory` records the GiB in use on rank 0's GPU after each call (metrics memory/after_*).
     def sleep_engines(self) -> None:
         if self.plan.step.mode == "colocated" and self.plan.step.sleep_level:
             ray.get(self.roles["rollout"].call_all("sleep", self.plan.step.sleep_level))
+            self._measure("after_sleep")
 
     def wake_engines(self, tags: list[str]) -> None:
         if self.plan.step.mode == "colocated" and self.plan.step.sleep_level:
             ray.get(self.roles["rollout"].call_all("wake_up", tags))
+            self._measure(f"after_wake_{tags[0]}")
 
     def offload_policy(self) -> None:
         s = self.plan.step
         if s.mode == "colocated" and (s.offload_model or s.offload_optimizer):
             ray.get(self.roles["policy"].call_all("offload", model=s.offload_model, optimizer=s.offload_optimizer,
                                                   gc_collect=s.gc_collect_after_offload))
+            self._measure("after_offload")
 
     def onload_policy(self) -> None:
         s = self.plan.step
         if s.mode == "colocated" and (s.offload_model or s.offload_optimizer):
             ray.get(self.roles["policy"].call_all("onload"))
+            self._measure("after_onload")
+
+    def _measure(self, label: str) -> None:
+        if self.plan.cluster.gpus:
+            used = ray.get(self.roles["policy"].actors[0].device_memory_gb.remote())
+            if used is not None:
+                self.memory[f"memory/{label}_gb"] = used
 
 
 def run_rlhf(args: Any) -> Path | None:
@@ -236,7 +248,7 @@ def run_rlhf(args: Any) -> Path | None:
             timings["time/sync_weights_s"] = rl.sync_weights(step)
             rl.offload_policy()
             rl.wake_engines(["kv_cache"])
-            metrics = {**train, **summary.pop("metrics"), **timings,
+            metrics = {**train, **summary.pop("metrics"), **timings, **rl.memory,
                        "dynamic_sample/dropped": dropped, "dynamic_sample/resampled": resampled}
             if summary.get("completions"):
                 tracker.log_table("completions", [{"step": step, **row} for row in summary["completions"]])

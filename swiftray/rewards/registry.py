@@ -50,6 +50,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from swiftray.rewards.builtin import BUILTIN_REWARDS
+from swiftray.rewards.verl_style import from_verl, is_verl_style
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ def load_external_plugins(paths: Sequence[str | Path]) -> None:
         except Exception as e:
             del sys.modules[module_name]
             raise ImportError(f"--external_plugins: importing {path} failed: {type(e).__name__}: {e}") from e
+        verl_score = getattr(module, "compute_score", None)
+        if is_verl_style(verl_score) and "compute_score" not in REWARD_FUNCS:
+            REWARD_FUNCS["compute_score"] = verl_score  # a verl reward file: --reward_funcs compute_score
 
 
 # ---------------------------------------------------------------- building the set
@@ -190,6 +194,8 @@ def build_reward_funcs(
             name = getattr(entry, "__name__", type(entry).__name__)
         else:
             raise TypeError(f"--reward_funcs entries must be names or callables, got {entry!r}")
+        if is_verl_style(obj):
+            obj = from_verl(obj)
         func = _instantiate(name, obj, settings, args) if inspect.isclass(obj) else obj
         unique, k = name, 1
         while unique in resolved_names:  # the same reward twice keeps both columns apart in the metrics
