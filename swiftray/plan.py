@@ -239,10 +239,11 @@ def check_deepspeed(value: str | None) -> None:
             raise ArgumentError(f"--deepspeed {value}: not valid JSON: {err}") from None
 
 
-def _policy_config(args: Any, dtype: str, total_optimizer_steps: int, fsdp: dict | None) -> PolicyConfig:
+def _policy_config(args: Any, dtype: str, total_optimizer_steps: int, fsdp: dict | None,
+                   head: str = "lm") -> PolicyConfig:
     backend = "deepspeed" if args.deepspeed else ("fsdp2" if fsdp is not None else "ddp")
     return PolicyConfig(
-        model_dir=absolute(args.model), torch_dtype=dtype, attn_impl=args.attn_impl,
+        model_dir=absolute(args.model), head=head, torch_dtype=dtype, attn_impl=args.attn_impl,
         gradient_checkpointing=args.gradient_checkpointing, use_liger_kernel=args.use_liger_kernel,
         train_type=args.train_type, adapters=[absolute(a) for a in args.adapters], lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=list(args.target_modules),
@@ -369,7 +370,8 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         return None if on_gpu else sync_share * (0.5 if async_generate else 1.0)
 
     roles = [RolePlan("policy", "swiftray.actors.policy:PolicyActor",
-                      _policy_config(args, dtype, total_optimizer_steps, fsdp), layout.placements["policy"],
+                      _policy_config(args, dtype, total_optimizer_steps, fsdp, algorithm.policy_head),
+                      layout.placements["policy"],
                       threads_share=share(1.0 / world) if rl else None)]
     if rl:
         place = layout.placements["rollout"]
