@@ -224,6 +224,11 @@ def template_plan(args: Any) -> TemplatePlan:
                         args.packing)
 
 
+def _rl_template(template: TemplatePlan) -> TemplatePlan:
+    """RL trains on generated tokens: the SFT target and packing flags do not apply (compat.py lists them)."""
+    return dataclasses.replace(template, loss_scale="default", packing=False)
+
+
 def _field_default(args: Any, name: str) -> Any:
     f = type(args).__dataclass_fields__[name]
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -276,7 +281,8 @@ def _rl_batch(args: Any, world: int) -> BatchPlan:
                             "feeds whole optimizer steps)")
     batch = BatchPlan(world_size=world, micro_batch_size=args.per_device_train_batch_size,
                       accumulation=args.gradient_accumulation_steps,
-                      eval_batch_size=args.per_device_eval_batch_size, num_generations=args.num_generations,
+                      eval_batch_size=0,  # RL evaluation generates for every prompt in one round (compat.py)
+                      num_generations=args.num_generations,
                       optimizer_steps_per_generation=steps_per_generation // args.gradient_accumulation_steps)
     if batch.completions_per_generation % args.num_generations:
         raise ArgumentError(
@@ -389,7 +395,7 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         roles.append(RolePlan(spec.name, spec.actor, _with_dtype(spec.config, dtype), layout.placements[spec.name],
                               phases=spec.phases, threads_share=share(1.0) if spec.wants_gpu else None))
 
-    notes = compat_notes(args, command)
+    notes = compat_notes(args, command, rollouts=rl)
     if not on_gpu:
         gpu_only = [f for f in ("offload_model", "offload_optimizer", "gc_collect_after_offload")
                     if getattr(args, f, False)]
@@ -408,7 +414,7 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
         ray_bind_all_interfaces=args.ray_bind_all_interfaces,
         dist_backend=args.ddp_backend or ("nccl" if on_gpu else "gloo"),
-        data=data_plan(args), template=template_plan(args),
+        data=data_plan(args), template=_rl_template(template_plan(args)) if rl else template_plan(args),
         batch=batch, schedule=schedule,
         output=OutputPlan(args.output_dir, args.add_version, tuple(args.report_to),
                           getattr(args, "log_completions", False)),
