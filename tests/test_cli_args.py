@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from swiftray.algorithms import get_algorithm
 from swiftray.arguments import (
     ArgumentError,
     ExportArguments,
@@ -17,7 +18,6 @@ from swiftray.arguments import (
     SftArguments,
 )
 from swiftray.cli_parser import build_parser, parse_args
-from swiftray.algorithms import get_algorithm
 
 REFERENCE_SFT = """
     --model M --train_type lora --dataset 'swift/Qwen3-SFT-Mixin#2000' 'swift/self-cognition:qwen3#600'
