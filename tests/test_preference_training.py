@@ -243,3 +243,100 @@ def test_reward_model_role_adds_its_weighted_score_after_the_functions(tiny_mode
     assert out.rewards == pytest.approx([t + 0.5 * w for t, w in zip([1.0, 0.0, 2.0], want)], abs=1e-5)
     alone = actor.annotate(RolloutBatch(prompts, completions, ["a", "b", "c"], [False] * 3, [0, 0, 1], {}, 0))
     assert alone.rewards == pytest.approx([0.5 * w for w in want], abs=1e-5)  # without reward functions
+
+
+# ---------------------------------------------------------------- plans
+
+
+def plan_for(model_dir, *flags: str, gpus: int = 0):
+    from swiftray.algorithms import get_algorithm
+    from swiftray.arguments import RlhfArguments
+    from swiftray.cli_parser import parse_args
+    from swiftray.placement import Cluster, Node
+    from swiftray.plan import build_plan
+
+    args = parse_args(RlhfArguments, ["--model", str(model_dir), "--dataset", "d.jsonl", *flags])
+    return build_plan(args, get_algorithm(args.rlhf_type).from_args(args), Cluster((Node(4, gpus),), "test"), 100,
+                      "rlhf")
+
+
+@pytest.mark.parametrize(("flags", "roles"), [
+    (["--rlhf_type", "dpo"], ["policy", "reference"]),
+    (["--rlhf_type", "dpo", "--reference_free", "true"], ["policy"]),
+    (["--rlhf_type", "kto"], ["policy", "reference"]),
+    (["--rlhf_type", "orpo"], ["policy"]),
+    (["--rlhf_type", "simpo"], ["policy"]),
+    (["--rlhf_type", "cpo"], ["policy"]),
+    (["--rlhf_type", "rm"], ["policy"]),
+])
+def test_each_method_plans_the_roles_it_needs_and_no_rollouts(tiny_model_dir, flags, roles, monkeypatch):
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    plan = plan_for(tiny_model_dir, *flags)
+    assert [r.name for r in plan.roles] == roles and plan.step.mode == "sft"
+    assert plan.role("policy").config.head == ("score" if "rm" in flags else "lm")
+    if "reference" in roles:
+        assert plan.role("reference").phases == ("annotate",)
+    # every role fits the machine together (the policy leaves the reference its CPUs)
+    assert sum(r.placement.num_cpus * r.placement.num_workers for r in plan.roles) <= 4
+
+
+def test_ref_adapters_and_ref_model_set_the_reference(tiny_model_dir):
+    plan = plan_for(tiny_model_dir, "--rlhf_type", "dpo", "--adapters", "/sft/lora", "--ref_adapters", "/other",
+                    "--ref_model", "/ref", "--train_type", "lora")
+    ref = plan.role("reference").config
+    assert (ref.model_dir, ref.adapters) == ("/ref", ("/other",))
+    assert plan_for(tiny_model_dir, "--rlhf_type", "dpo", "--adapters", "/sft/lora", "--train_type",
+                    "lora").role("reference").config.adapters == ("/sft/lora",)  # unset: the starting policy
+
+
+def test_beta_and_loss_type_take_each_methods_default(tiny_model_dir):
+    assert plan_for(tiny_model_dir, "--rlhf_type", "simpo").algorithm.beta == 2.0
+    assert plan_for(tiny_model_dir, "--rlhf_type", "dpo").algorithm.beta == 0.1
+    assert plan_for(tiny_model_dir, "--rlhf_type", "grpo", "--reward_funcs", "format").algorithm.beta == 0.04
+    assert plan_for(tiny_model_dir, "--rlhf_type", "dpo").algorithm.loss_type == ("sigmoid",)
+    assert plan_for(tiny_model_dir, "--rlhf_type", "cpo").algorithm.loss_type == "sigmoid"
+    assert plan_for(tiny_model_dir, "--rlhf_type", "kto").algorithm.loss_type == "kto"
+    mpo = plan_for(tiny_model_dir, "--rlhf_type", "dpo", "--loss_type", "sigmoid", "bco_pair", "sft",
+                   "--loss_weights", "0.8", "0.2", "1").algorithm
+    assert mpo.loss_type == ("sigmoid", "bco_pair", "sft") and mpo.loss_weights == (0.8, 0.2, 1.0)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--rlhf_type", "grpo", "--reward_funcs", "format", "--loss_type", "sigmoid"],
+     "--loss_type sigmoid: --rlhf_type grpo takes one of grpo, bnpo, dr_grpo, dapo"),
+    (["--rlhf_type", "grpo", "--reward_funcs", "format", "--loss_type", "grpo", "bnpo"], "takes one of"),
+    (["--rlhf_type", "dpo", "--loss_type", "kto"], "--loss_type kto: DPO takes any of sigmoid"),
+    (["--rlhf_type", "dpo", "--loss_type", "sigmoid", "ipo", "--loss_weights", "1"], "--loss_weights has 1 values"),
+    (["--rlhf_type", "simpo", "--loss_type", "hinge"], "--rlhf_type simpo takes one of simpo"),
+    (["--rlhf_type", "dpo", "--label_smoothing", "0.5"], "--label_smoothing 0.5: expected a number >= 0.0 and < 0.5"),
+    (["--rlhf_type", "grpo", "--reward_funcs", "format", "--reward_model", "/nowhere"], "--reward_model /nowhere: no"),
+    (["--rlhf_type", "grpo", "--reward_funcs", "format", "--reward_weights", "1"], None),
+])
+def test_bad_preference_flags_fail_naming_the_flag(tiny_model_dir, flags, message):
+    from swiftray.arguments import ArgumentError
+
+    if message is None:  # a consistent GRPO command still plans
+        plan_for(tiny_model_dir, *flags)
+        return
+    with pytest.raises(ArgumentError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_for(tiny_model_dir, *flags)
+
+
+def test_reward_models_score_after_the_functions_with_their_weights_on_the_gpu(tiny_model_dir):
+    from swiftray.arguments import ArgumentError
+
+    flags = ["--rlhf_type", "grpo", "--reward_funcs", "accuracy", "--reward_model", str(tiny_model_dir),
+             "--reward_weights", "1", "0.5"]
+    gpu = plan_for(tiny_model_dir, *flags, gpus=1)
+    assert [r.name for r in gpu.roles_in("score")] == ["reward", "reward_model"]
+    rm = gpu.role("reward_model")
+    assert rm.config.weight == 0.5 and rm.config.name == tiny_model_dir.name and rm.config.torch_dtype
+    assert rm.placement.num_gpus > 0 and all("gpu" in d for d in rm.placement.devices)
+    assert gpu.role("reward").config.reward_weights == (1.0,)
+    cpu = plan_for(tiny_model_dir, *flags)
+    assert cpu.role("reward_model").placement.num_gpus == 0
+    alone = plan_for(tiny_model_dir, "--rlhf_type", "grpo", "--reward_model", str(tiny_model_dir))
+    assert [r.name for r in alone.roles_in("score")] == ["reward_model"]  # no reward functions: no reward actor
+    with pytest.raises(ArgumentError, match="--reward_weights has 1 values but --reward_funcs names 1 functions "
+                                            "and --reward_model 1 models"):
+        plan_for(tiny_model_dir, *flags[:-3], "--reward_weights", "1")

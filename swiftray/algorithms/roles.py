@@ -87,9 +87,9 @@ def reward_model_roles(args: Any) -> tuple[RoleSpec, ...]:
     weights = list(args.reward_weights) if args.reward_weights is not None else None
     specs, names = [], []
     for i, path in enumerate(models):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ArgumentError(f"--reward_model {path}: no config.json there (expected a model folder, e.g. an "
-                                "--rlhf_type rm checkpoint)")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+            raise ArgumentError(f"--reward_model {path}: no config.json or adapter_config.json there (expected a "
+                                "model or LoRA folder, e.g. an --rlhf_type rm checkpoint)")
         if args.model and not _same_vocabulary(args.model, path):
             raise ArgumentError(f"--reward_model {path}: its tokenizer differs from --model {args.model}'s; it scores "
                                 "the policy's token ids, so it must share the policy's tokenizer")
