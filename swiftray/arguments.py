@@ -178,18 +178,44 @@ class SftArguments(
         return self
 
 
+# Offline preference methods (swiftray/algorithms/{dpo,kto,orpo,cpo,simpo,rm}.py), fed by the dataset.
+PREFERENCE_TYPES = ("dpo", "kto", "orpo", "simpo", "cpo", "rm")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Every value some algorithm's --loss_type takes (each algorithm checks its own): GRPO's, DPO's
+# (preference_math.DPO_LOSS_TYPES), KTO's and CPO's.
+LOSS_TYPES = GRPO_LOSS_TYPES + (
+    "sigmoid", "hinge", "ipo", "robust", "bco_pair", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "kto", "apo_zero_unpaired", "simpo")
+
+
+def default_beta(rlhf_type: str) -> float:
+    """ms-swift's --beta by algorithm: 2.0 for SimPO, 0.1 for the other preference methods, 0.04 for GRPO
+    (and DAPO, and plug-in algorithms, which are GRPO's subclasses as a rule)."""
+    if rlhf_type == "simpo":
+        return 2.0
+    return 0.1 if rlhf_type in PREFERENCE_TYPES else 0.04
+
+
 @dataclass
 class RlhfArguments(SftArguments, GenerationArguments):
-    """`swiftray rlhf --rlhf_type grpo|dapo`."""
+    """`swiftray rlhf --rlhf_type grpo|dapo|dpo|kto|orpo|simpo|cpo|rm`."""
 
-    rlhf_type: str = arg("grpo", "grpo | dapo, or an algorithm registered by --external_plugins")
+    rlhf_type: str = arg("grpo", "grpo | dapo | dpo | kto | orpo | simpo | cpo | rm, or an algorithm registered by "
+                                 "--external_plugins")
     ref_model: str | None = arg(None, "reference model folder; unset: a frozen copy of --model")
+    ref_adapters: list[str] = arg([], "LoRA folder(s) the reference model loads on --ref_model (or --model); "
+                                      "unset: --adapters, so the reference is the starting policy")
     num_generations: int = arg(8, "completions sampled per prompt (the group size)", min=2)
     max_completion_length: int = arg(512, "max new tokens per completion", min=1)
-    beta: float = arg(0.04, "KL coefficient against the reference model; 0 skips the reference", min=0.0)
+    beta: float | None = arg(None, "KL coefficient against the reference model (GRPO: 0 skips it); DPO/KTO's "
+                                   "temperature, ORPO's lambda; unset: 0.04 grpo/dapo, 2.0 simpo, 0.1 the others",
+                             min=0.0)
     epsilon: float = arg(0.2, "clip range of the importance ratio", gt=0.0, lt=1.0)
     epsilon_high: float | None = arg(None, "upper clip range (clip-higher); unset: --epsilon", gt=0.0)
-    loss_type: str = arg("grpo", "grpo | bnpo | dr_grpo | dapo: how token losses are averaged", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    loss_type: list[str] | None = arg(None, "GRPO: grpo | bnpo | dr_grpo | dapo (one; how token losses are averaged); "
+                                            "DPO: sigmoid hinge ipo robust bco_pair ... (one or several, weighted by "
+                                            "--loss_weights); KTO: kto | apo_zero_unpaired; CPO: sigmoid hinge ipo simpo; "
+                                            "unset: the algorithm's default", choices=LOSS_TYPES)
     scale_rewards: str = arg("group", "advantage scaling: group | batch | none", choices=("group", "batch", "none"))
     num_iterations: int = arg(1, "policy updates per generated batch", min=1)
     steps_per_generation: int | None = arg(None, "optimizer steps per generated batch; unset: gradient_accumulation_steps", min=1)
@@ -198,7 +224,8 @@ class RlhfArguments(SftArguments, GenerationArguments):
     max_resample_times: int = arg(3, "resampling rounds for --dynamic_sample", min=0)
     overlong_filter: bool = arg(False, "truncated completions get no loss")
     reward_funcs: list[str] = arg([], "reward functions: accuracy format cosine repetition soft_overlong or plug-ins")
-    reward_weights: list[float] | None = arg(None, "one weight per reward function; unset: all 1")
+    reward_weights: list[float] | None = arg(None, "one weight per --reward_funcs function, then one per "
+                                                   "--reward_model; unset: all 1")
     nonfinite_reward: str = arg("error", "a NaN or infinite reward: error (stop, naming the function, sample and "
                                          "value) | missing (count it as no reward, logged)",
                                 choices=("error", "missing"))
@@ -229,11 +256,33 @@ class RlhfArguments(SftArguments, GenerationArguments):
     async_generate: bool = arg(False, "generate the next batch while this one trains (one step off-policy)")
     log_completions: bool = arg(False, "write prompts, completions and rewards to completions.jsonl")
     rollout_batch_size: int | None = arg(None, "prompts per rollout worker call; unset: all at once", min=1)
+    # Preference learning (dpo, kto, orpo, simpo, cpo) and reward models (rm); ms-swift's names and defaults.
+    loss_weights: list[float] | None = arg(None, "DPO: one weight per --loss_type (MPO); unset: 1 each", min=0.0)
+    label_smoothing: float = arg(0.0, "DPO/CPO: probability that a pair's label is flipped (cDPO, robust DPO)",
+                                 min=0.0, lt=0.5)
+    rpo_alpha: float | None = arg(None, "DPO: weight of the chosen responses' NLL added to the loss (RPO); unset: "
+                                        "none", min=0.0)
+    discopop_tau: float = arg(0.05, "DPO --loss_type discopop: the temperature of its modulation", gt=0.0)
+    reference_free: bool = arg(False, "DPO/KTO: no reference model (its log-probs taken as 0)")
+    precompute_ref_log_probs: bool = arg(False, "DPO/KTO: compute the reference log-probs once over the dataset "
+                                                "before training instead of every step")
+    simpo_gamma: float = arg(1.0, "SimPO: the target reward margin", min=0.0)
+    cpo_alpha: float = arg(1.0, "CPO/SimPO: weight of the chosen responses' NLL (0: pure SimPO)", min=0.0)
+    desirable_weight: float = arg(1.0, "KTO: weight of the desirable examples' loss", gt=0.0)
+    undesirable_weight: float = arg(1.0, "KTO: weight of the undesirable examples' loss", gt=0.0)
+    center_rewards_coefficient: float | None = arg(None, "RM: weight of the (r_chosen + r_rejected)^2 term that "
+                                                         "centres rewards on 0 (0.01 recommended); unset: none",
+                                                   min=0.0)
+    reward_model: list[str] = arg([], "GRPO: reward model folder(s) (e.g. an --rlhf_type rm checkpoint), each "
+                                      "scoring completions as a reward after --reward_funcs")
 
     def finalize(self) -> RlhfArguments:
         finalize_common(self)
-        if self.metric_for_best_model == "loss":  # RL evaluates rewards, not a loss (ms-swift's GRPO default)
+        preference = self.rlhf_type in PREFERENCE_TYPES
+        if self.metric_for_best_model == "loss" and not preference:  # RL evaluates rewards (ms-swift's GRPO default)
             self.metric_for_best_model = "reward"
+        if self.beta is None:
+            self.beta = default_beta(self.rlhf_type)
         if self.temperature is None:
             self.temperature = 1.0
         if self.top_k is None:
@@ -242,10 +291,12 @@ class RlhfArguments(SftArguments, GenerationArguments):
             self.top_p = 1.0
         if self.repetition_penalty is None:
             self.repetition_penalty = 1.0
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+        rewards = len(self.reward_funcs) + len(self.reward_model)
+        if self.reward_weights is not None and len(self.reward_weights) != rewards:
             raise ArgumentError(
                 f"--reward_weights has {len(self.reward_weights)} values but --reward_funcs names "
-                f"{len(self.reward_funcs)} functions"
+                f"{len(self.reward_funcs)} functions and --reward_model {len(self.reward_model)} models (one weight "
+                "each, the functions' first)"
             )
         return self
 

@@ -15,7 +15,7 @@ USAGE = """usage: swiftray {sft,rlhf,infer,export,megatron,make-tiny-model} [fla
 
 commands:
   sft              supervised fine-tuning (full, LoRA, DoRA) on a Ray actor group
-  rlhf             RL training: --rlhf_type grpo | dapo
+  rlhf             RL and preference training: --rlhf_type grpo | dapo | dpo | kto | orpo | simpo | cpo | rm
   infer            chat with a model or adapter, or batch-generate over --val_dataset
   export           merge a LoRA adapter (--merge_lora true), convert HF <-> megatron-core, or push to a hub
   megatron         `swiftray megatron sft`: megatron-core training (TP, PP, EP, SP)

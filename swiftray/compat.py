@@ -32,6 +32,17 @@ RLHF_COMPAT: dict[str, str] = {
     "per_device_eval_batch_size": "RL evaluation generates for every --val_dataset prompt in one round",
 }
 
+# Accepted by `swiftray rlhf` on top of TRAINING_COMPAT, no effect for dataset-fed algorithms (DPO, KTO, ORPO,
+# SimPO, CPO, RM); --loss_scale and --per_device_eval_batch_size do act on them.
+RLHF_DATASET_COMPAT: dict[str, str] = {
+    "packing": "preference pairs and KTO examples already compute each prompt once for their rows (prompt sharing)",
+    "padding_free": "preference pairs and KTO examples already compute each prompt once for their rows (prompt "
+                    "sharing)",
+    "max_new_tokens": "preference learning generates nothing",
+    "stream": "preference learning generates nothing",
+    "infer_backend": "preference learning generates nothing",
+}
+
 
 # Flags whose only supported value is the default: any other value fails at parse time (refuse_unsupported).
 REFUSED_FLAGS: dict[str, str] = {
@@ -42,8 +53,12 @@ REFUSED_FLAGS: dict[str, str] = {
 }
 
 
-def compat_flags(command: str) -> dict[str, str]:
-    return {**TRAINING_COMPAT, **(RLHF_COMPAT if command == "rlhf" else {})}
+def compat_flags(command: str, rollouts: bool = True) -> dict[str, str]:
+    """The flags of `command` that change nothing here, with their reasons; for `rlhf`, those of an
+    algorithm that generates rollouts (GRPO) or, with rollouts=False, of a dataset-fed one (DPO)."""
+    if command != "rlhf":
+        return dict(TRAINING_COMPAT)
+    return {**TRAINING_COMPAT, **(RLHF_COMPAT if rollouts else RLHF_DATASET_COMPAT)}
 
 
 def _default(cls: type, name: str) -> Any:
@@ -51,9 +66,9 @@ def _default(cls: type, name: str) -> Any:
     return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
 
 
-def compat_notes(args: Any, command: str) -> list[str]:
+def compat_notes(args: Any, command: str, rollouts: bool = True) -> list[str]:
     """One line per compatibility flag the user set to something other than its default."""
-    return [f"--{name} has no effect here: {reason}" for name, reason in compat_flags(command).items()
+    return [f"--{name} has no effect here: {reason}" for name, reason in compat_flags(command, rollouts).items()
             if hasattr(args, name) and getattr(args, name) != _default(type(args), name)]
 
 

@@ -224,6 +224,11 @@ def template_plan(args: Any) -> TemplatePlan:
                         args.packing)
 
 
+def _rl_template(template: TemplatePlan) -> TemplatePlan:
+    """RL trains on generated tokens: the SFT target and packing flags do not apply (compat.py lists them)."""
+    return dataclasses.replace(template, loss_scale="default", packing=False)
+
+
 def _field_default(args: Any, name: str) -> Any:
     f = type(args).__dataclass_fields__[name]
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -239,10 +244,11 @@ def check_deepspeed(value: str | None) -> None:
             raise ArgumentError(f"--deepspeed {value}: not valid JSON: {err}") from None
 
 
-def _policy_config(args: Any, dtype: str, total_optimizer_steps: int, fsdp: dict | None) -> PolicyConfig:
+def _policy_config(args: Any, dtype: str, total_optimizer_steps: int, fsdp: dict | None,
+                   head: str = "lm") -> PolicyConfig:
     backend = "deepspeed" if args.deepspeed else ("fsdp2" if fsdp is not None else "ddp")
     return PolicyConfig(
-        model_dir=absolute(args.model), torch_dtype=dtype, attn_impl=args.attn_impl,
+        model_dir=absolute(args.model), head=head, torch_dtype=dtype, attn_impl=args.attn_impl,
         gradient_checkpointing=args.gradient_checkpointing, use_liger_kernel=args.use_liger_kernel,
         train_type=args.train_type, adapters=[absolute(a) for a in args.adapters], lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=list(args.target_modules),
@@ -275,7 +281,8 @@ def _rl_batch(args: Any, world: int) -> BatchPlan:
                             "feeds whole optimizer steps)")
     batch = BatchPlan(world_size=world, micro_batch_size=args.per_device_train_batch_size,
                       accumulation=args.gradient_accumulation_steps,
-                      eval_batch_size=args.per_device_eval_batch_size, num_generations=args.num_generations,
+                      eval_batch_size=0,  # RL evaluation generates for every prompt in one round (compat.py)
+                      num_generations=args.num_generations,
                       optimizer_steps_per_generation=steps_per_generation // args.gradient_accumulation_steps)
     if batch.completions_per_generation % args.num_generations:
         raise ArgumentError(
@@ -351,12 +358,15 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
 
     # Who asks for what, then where it goes.
     cores = os.cpu_count() or 1
-    policy_cpus = args.num_cpus_per_worker or max(0.5, round(cores * (0.5 if rl else 1.0) / world, 2))
     demands = []
     if rl:
         tp = args.vllm_tensor_parallel_size if args.use_vllm else 1
         demands.append(Demand("rollout", args.num_infer_workers or 1, tp if on_gpu else 0, 0.5))
     demands += [_demand(spec, world, on_gpu) for spec in algorithm.role_specs]
+    # RL: the policy takes half the cores; a dataset-fed run all of them but what its other roles ask for
+    # (DPO's reference), so that every role fits together on one machine.
+    others = 0.0 if rl else sum(d.num_workers * d.num_cpus for d in demands)
+    policy_cpus = args.num_cpus_per_worker or max(0.5, round((cores * (0.5 if rl else 1.0) - others) / world, 2))
     layout = lay_out(cluster, Demand("policy", world, 1 if on_gpu else 0, policy_cpus), demands)
     colocated = "rollout" in layout.colocated or (rl and not on_gpu)
     async_generate = rl and args.async_generate
@@ -369,8 +379,10 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         return None if on_gpu else sync_share * (0.5 if async_generate else 1.0)
 
     roles = [RolePlan("policy", "swiftray.actors.policy:PolicyActor",
-                      _policy_config(args, dtype, total_optimizer_steps, fsdp), layout.placements["policy"],
-                      threads_share=share(1.0 / world) if rl else None)]
+                      _policy_config(args, dtype, total_optimizer_steps, fsdp, algorithm.policy_head),
+                      layout.placements["policy"],
+                      # roles take turns with the cores (RL; DPO: reference, then policy)
+                      threads_share=share(1.0 / world) if rl or algorithm.role_specs else None)]
     if rl:
         place = layout.placements["rollout"]
         tp = args.vllm_tensor_parallel_size if args.use_vllm else 1
@@ -387,7 +399,7 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         roles.append(RolePlan(spec.name, spec.actor, _with_dtype(spec.config, dtype), layout.placements[spec.name],
                               phases=spec.phases, threads_share=share(1.0) if spec.wants_gpu else None))
 
-    notes = compat_notes(args, command)
+    notes = compat_notes(args, command, rollouts=rl)
     if not on_gpu:
         gpu_only = [f for f in ("offload_model", "offload_optimizer", "gc_collect_after_offload")
                     if getattr(args, f, False)]
@@ -406,7 +418,7 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
         ray_bind_all_interfaces=args.ray_bind_all_interfaces,
         dist_backend=args.ddp_backend or ("nccl" if on_gpu else "gloo"),
-        data=data_plan(args), template=template_plan(args),
+        data=data_plan(args), template=_rl_template(template_plan(args)) if rl else template_plan(args),
         batch=batch, schedule=schedule,
         output=OutputPlan(args.output_dir, args.add_version, tuple(args.report_to),
                           getattr(args, "log_completions", False)),

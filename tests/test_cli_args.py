@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from swiftray.algorithms import get_algorithm
 from swiftray.arguments import (
     ArgumentError,
     ExportArguments,
@@ -81,7 +82,8 @@ def test_ms_swift_defaults():
     grpo = parse_args(RlhfArguments, ["--model", "m", "--dataset", "d"])
     assert grpo.beta == 0.04 and grpo.epsilon == 0.2 and grpo.epsilon_high is None  # the algorithm resolves it
     assert grpo.metric_for_best_model == "reward"  # RL evaluates rewards (ms-swift's GRPO default)
-    assert grpo.num_generations == 8 and grpo.loss_type == "grpo" and grpo.scale_rewards == "group"
+    assert grpo.num_generations == 8 and grpo.scale_rewards == "group"
+    assert grpo.loss_type is None and get_algorithm("grpo").from_args(grpo).loss_type == "grpo"  # the algorithm's
 
 
 def test_tuner_type_is_the_newer_name_of_train_type():

@@ -61,6 +61,19 @@ ALTERNATIVES: dict[str, list[str]] = {
     "vllm_enable_prefix_caching": ["false"], "num_infer_workers": ["2"], "sleep_level": ["1"],
     "offload_model": ["true"], "offload_optimizer": ["true"], "gc_collect_after_offload": ["true"],
     "async_generate": ["true"], "log_completions": ["true"], "rollout_batch_size": ["1"],
+    "ref_adapters": ["/some/sft-adapter"],
+    # Preference learning and reward models (compared on the algorithm that reads them: BASE_FOR)
+    "loss_weights": ["0.5"], "label_smoothing": ["0.1"], "rpo_alpha": ["1"], "discopop_tau": ["0.1"],
+    "reference_free": ["true"], "precompute_ref_log_probs": ["true"], "simpo_gamma": ["0.5"], "cpo_alpha": ["0"],
+    "desirable_weight": ["2"], "undesirable_weight": ["2"], "center_rewards_coefficient": ["0.01"],
+}
+# Flags of one algorithm: their plan is compared with that algorithm's default plan, not GRPO's.
+BASE_FOR: dict[str, list[str]] = {
+    **{name: ["--rlhf_type", "dpo"] for name in ("loss_weights", "label_smoothing", "rpo_alpha", "discopop_tau",
+                                                  "reference_free", "precompute_ref_log_probs")},
+    "simpo_gamma": ["--rlhf_type", "simpo"], "cpo_alpha": ["--rlhf_type", "cpo"],
+    "desirable_weight": ["--rlhf_type", "kto"], "undesirable_weight": ["--rlhf_type", "kto"],
+    "center_rewards_coefficient": ["--rlhf_type", "rm"],
 }
 COMMANDS = {"sft": (SftArguments, []), "rlhf": (RlhfArguments, ["--reward_funcs", "accuracy"])}
 
@@ -80,18 +93,21 @@ def field_names(command: str) -> list[str]:
 def test_every_field_changes_the_plan_or_is_listed(command, tiny_model_dir, monkeypatch):
     monkeypatch.delenv("NPROC_PER_NODE", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    base = plan_of(command, model=tiny_model_dir)
     gpu_base = plan_of(command, cluster=ONE_GPU, model=tiny_model_dir)
+    # A reward model must be a model folder sharing the policy's tokenizer.
+    alternatives = {**ALTERNATIVES, "reward_model": [str(tiny_model_dir)]}
     unchanged, unaccounted = [], []
     for name in field_names(command):
         if name in compat_flags(command) or name in REFUSED_FLAGS or name in ACTION_FLAGS:
             continue
-        if name not in ALTERNATIVES:
+        if name not in alternatives:
             unaccounted.append(name)
             continue
         # nccl is the GPU default, so the other valid value (gloo) is tried on a GPU cluster.
         on_gpu = name == "ddp_backend"
-        other = plan_of(command, f"--{name}", *ALTERNATIVES[name], cluster=ONE_GPU if on_gpu else CPU,
+        algorithm = BASE_FOR.get(name, [])
+        base = plan_of(command, *algorithm, model=tiny_model_dir)
+        other = plan_of(command, *algorithm, f"--{name}", *alternatives[name], cluster=ONE_GPU if on_gpu else CPU,
                         model=tiny_model_dir)
         if other == (gpu_base if on_gpu else base):
             unchanged.append(name)

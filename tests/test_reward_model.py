@@ -86,3 +86,21 @@ def test_saved_lora_model_is_merged_and_loads_back_with_the_same_scores(tiny_mod
     loaded = AutoModelForSequenceClassification.from_pretrained(save_reward_model(model, str(tmp_path / "rm"))).eval()
     with torch.no_grad():
         assert torch.allclose(reward_scores(loaded, **batch), before, atol=1e-5)
+
+
+def test_a_lora_reward_model_folder_loads_on_its_base_merged(tiny_model_dir, tmp_path):
+    """What `--rlhf_type rm --train_type lora` saves (the adapter, the score head in full) is a --reward_model."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_peft_model(load_reward_model(str(tiny_model_dir)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS"))
+    batch = padded_batch(tokenizer, TEXTS)
+    train_a_little(model, batch)
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    with torch.no_grad():
+        want = reward_scores(model, **batch)
+        got = reward_scores(load_reward_model(str(tmp_path / "adapter")).eval(), **batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

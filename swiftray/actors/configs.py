@@ -54,6 +54,20 @@ class RewardConfig:
     registered: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """A trained reward model (a sequence-classification head, e.g. an `--rlhf_type rm` checkpoint) that
+    scores completions as one more reward, after the reward functions."""
+
+    model_dir: str
+    name: str  # its column in the reward metrics (rewards/NAME/mean)
+    weight: float = 1.0
+    torch_dtype: str | None = None  # None: the run's dtype (the plan fills it in)
+    attn_impl: str | None = None
+    batch_size: int = 16
+    nonfinite_reward: str = "error"  # error | missing (counted as no reward), as for the reward functions
+
+
 def as_config(cls: type, config: Any) -> Any:
     """`config` as a `cls` instance: the plan hands dataclasses, tests and scripts may hand dicts."""
     if isinstance(config, cls):

@@ -7,7 +7,7 @@ hands in a picklable `loss_fn`:
     loss_fn(token_logprobs, batch, num_tokens_global) -> (loss, metrics)
 
 `token_logprobs[b, t]` is log p(labels[b, t+1] | tokens <= t), in float32, zero where
-labels[b, t+1] == -100. `batch` is the micro-batch as given plus `loss_mask`
+labels[b, t+1] == -100 (with a score head, PolicyConfig.head "score", each row's score [B] instead). `batch` is the micro-batch as given plus `loss_mask`
 (labels[:, 1:] != -100); extra per-token tensors (advantages, old log-probs) should
 be [B, T-1] and aligned with token_logprobs. `num_tokens_global` counts loss tokens
 over all ranks and micro-batches of the step, so a loss normalised by it gives the
@@ -48,6 +48,9 @@ class PolicyConfig:
     """Everything `PolicyActor.setup` accepts; names follow ms-swift's flags."""
 
     model_dir: str
+    # "lm": loss_fn gets token log-probs; "score": a one-output sequence-classification head, and loss_fn
+    # gets each row's score [B] in their place (reward models).
+    head: str = "lm"
     torch_dtype: str = "float32"
     attn_impl: str | None = None
     gradient_checkpointing: bool = False
@@ -181,7 +184,7 @@ class PolicyActor(DistributedWorker):
             gradient_checkpointing=cfg.gradient_checkpointing, train_type=cfg.train_type, adapters=cfg.adapters,
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save,
-            use_liger_kernel=cfg.use_liger_kernel, seed=cfg.seed,
+            use_liger_kernel=cfg.use_liger_kernel, seed=cfg.seed, head=cfg.head,
         )
         self.num_params = sum(p.numel() for p in module.parameters())
         counts = {"num_params": self.num_params,
@@ -317,6 +320,10 @@ class PolicyActor(DistributedWorker):
         if labels.shape != batch["input_ids"].shape:
             raise ValueError(f"PolicyActor: labels shape {tuple(labels.shape)} != input_ids shape "
                              f"{tuple(batch['input_ids'].shape)}")
+        if self.cfg.head == "score":  # each row's score at its last non-pad token (right-padded rows)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+            scores = self.backend.forward(inputs)[:, 0].float()
+            return batch, scores, labels[:, 1:] != -100, torch.zeros((), dtype=torch.long)
         logits = prompt_sharing.shared_forward(self.backend.forward, batch, self.backend.module, self.num_params)
         if logits is None:  # the head runs only where a label is: logits [N, V]
             with logits_at(self.backend.module, labels[:, 1:] != -100):

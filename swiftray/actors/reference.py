@@ -1,4 +1,10 @@
-"""ReferenceActor: a frozen copy of the starting policy; it only scores completions (log-probs for the KL term)."""
+"""ReferenceActor: a frozen copy of the starting policy; it only scores completions.
+
+Two callers: the RL loop hands it RolloutBatches (`annotate`: per-token log-probs for GRPO's KL term);
+the dataset loop hands it a rank's micro-batches of rows (`annotate_rows`: each row's completion
+log-prob, `ref_logps` [B], for DPO and KTO), computed as the policy computes its own (the labelled
+tokens, rows that share a prompt computing it once).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from swiftray.actors.group import DistributedWorker
 from swiftray.experience import RolloutBatch
 from swiftray.models.inference import load_inference_model
 from swiftray.models.logprobs import completion_logprobs
+from swiftray.models.prompt_sharing import shared_forward
 
 
 class ReferenceActor(DistributedWorker):
@@ -24,6 +31,7 @@ class ReferenceActor(DistributedWorker):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.batch_size = cfg.batch_size
+        self.num_params = sum(p.numel() for p in self.model.parameters())
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> list[list[float]]:
@@ -37,3 +45,24 @@ class ReferenceActor(DistributedWorker):
         batch.ref_logprobs = self.logprobs(batch)
         batch.timings["reference_s"] = time.time() - start
         return batch
+
+    @torch.no_grad()
+    def sequence_logps(self, micro_batches: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Each row's summed log-prob of its labelled tokens, [B] per micro-batch (float32, on CPU)."""
+        from swiftray.actors.policy import token_logprobs
+
+        device = next(self.model.parameters()).device
+        out = []
+        for micro in micro_batches:
+            batch = {k: v.to(device) for k, v in micro.items() if isinstance(v, torch.Tensor)}
+            logits = shared_forward(lambda inputs: self.model(**inputs).logits, batch, self.model, self.num_params)
+            if logits is None:
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logprobs, _mask, _correct = token_logprobs(logits, batch["labels"])
+            out.append(logprobs.sum(-1).cpu())
+        return out
+
+    def annotate_rows(self, micro_batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The same micro-batches with `ref_logps` [B] (passed on, actor to actor, to the policy)."""
+        return [{**micro, "ref_logps": logps}
+                for micro, logps in zip(micro_batches, self.sequence_logps(micro_batches))]

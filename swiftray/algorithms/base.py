@@ -25,6 +25,15 @@ An actor in the score or annotate phase has `annotate(batch: RolloutBatch) -> Ro
 the train phase has the policy's `train_step(micro_batches, loss_fn)` and `save_checkpoint` /
 `load_checkpoint`. A new algorithm with a new role is one file and no edit to the controller
 (scripts/plugins/value_baseline.py shows one).
+
+Dataset-fed algorithms (`data_source = "dataset"`: SFT, DPO, KTO, ORPO, SimPO, CPO, RM) name the
+`dataset_kind` their rows are (swiftray/data/kinds.py: "sft" samples, preference "pairs", "kto"
+examples), which says how rows are read, encoded and batched. Their annotate-phase actors (the reference
+model) have `annotate_rows(micro_batches) -> micro_batches`, which adds a per-row tensor (`ref_logps`)
+to each micro-batch of a rank's shard, and `sequence_logps(micro_batches)`, which returns those values
+alone; with `annotate_once` the loop calls the latter once over the dataset instead of every step. The
+loop logs `summarize(metrics)` and calls `observe(metrics)` after each step (running statistics, kept
+in checkpoints by `state_dict`).
 """
 
 from __future__ import annotations
@@ -99,6 +108,19 @@ class Algorithm:
     # Whether groups filtered out by keep_groups are replaced by generating more (DAPO).
     resample_filtered: bool = False
     role_specs: tuple[RoleSpec, ...] = ()
+    # Dataset-fed algorithms: what a row is ("sft", "pairs", "kto"; see swiftray/data/kinds.py).
+    dataset_kind: str = "sft"
+    # Dataset-fed algorithms: annotate-phase roles run once over the dataset, not every step
+    # (--precompute_ref_log_probs).
+    annotate_once: bool = False
+    # What the policy trains: "lm" (token log-probs reach `loss`) or "score" (a sequence-classification
+    # head: one score per row reaches `loss`; reward models).
+    policy_head: str = "lm"
+
+    @classmethod
+    def from_args(cls, args: Any) -> Algorithm:
+        """The algorithm as the flags configure it (an algorithm without settings: its defaults)."""
+        return cls()
 
     def roles(self) -> tuple[str, ...]:
         """Every role the run starts, by name."""
@@ -125,3 +147,33 @@ class Algorithm:
     def role_loss(self, role: str) -> Any:
         """The loss function a trained role (phase "train") calls on its own outputs."""
         raise NotImplementedError(f"{type(self).__name__} declares no trained role {role!r}")
+
+    def summarize(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A step's metrics (reduced over ranks and micro-batches) as they are logged; KTO turns its
+        sums and counts into means here."""
+        return metrics
+
+    def observe(self, metrics: dict[str, float]) -> None:
+        """Called on the driver after each optimizer step of a dataset-fed run with its reduced metrics:
+        an algorithm with running statistics (DPO's bco_pair) updates them here; they reach the policy
+        with the next step's loss function."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Running statistics to keep in checkpoints (JSON values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+def single_loss_type(args: Any, allowed: tuple[str, ...], default: str) -> str:
+    """The one --loss_type an algorithm takes (the flag is a list for DPO's mixtures), or its default."""
+    from swiftray.arguments import ArgumentError
+
+    given = list(getattr(args, "loss_type", None) or [])
+    if not given:
+        return default
+    if len(given) > 1 or given[0] not in allowed:
+        raise ArgumentError(f"--loss_type {' '.join(given)}: --rlhf_type {args.rlhf_type} takes one of "
+                            f"{', '.join(allowed)}")
+    return given[0]

@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-from swiftray.algorithms.base import Algorithm, RoleSpec, register_algorithm
+from swiftray.algorithms.base import Algorithm, RoleSpec, register_algorithm, single_loss_type
 from swiftray.algorithms.grpo_math import dynamic_sample_filter, group_advantages, policy_loss
-from swiftray.algorithms.roles import reference_role, reward_role
+from swiftray.algorithms.roles import reference_role, reward_model_roles, reward_role
 from swiftray.experience import RolloutBatch, completion_logprobs_to_tokens, sequences_batch
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @register_algorithm("grpo")
@@ -42,11 +44,15 @@ class GRPO(Algorithm):
 
     @classmethod
     def from_args(cls, args: Any) -> GRPO:
-        roles = (reward_role(args),) + ((reference_role(args),) if args.beta != 0 else ())
+        models = reward_model_roles(args)
+        # The reward functions' actor, unless reward models alone score (--reward_model without --reward_funcs).
+        rules = (reward_role(args),) if args.reward_funcs or not models else ()
+        roles = rules + models + ((reference_role(args),) if args.beta != 0 else ())
         return cls(num_generations=args.num_generations, scale_rewards=args.scale_rewards, beta=args.beta,
                    epsilon=args.epsilon,
                    epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
-                   loss_type=args.loss_type, max_completion_length=args.max_completion_length,
+                   loss_type=single_loss_type(args, GRPO_LOSS_TYPES, cls.loss_type),
+                   max_completion_length=args.max_completion_length,
                    overlong_filter=args.overlong_filter, dynamic_sample=args.dynamic_sample,
                    num_iterations=args.num_iterations, max_staleness=1 if args.async_generate else 0,
                    role_specs=roles)
@@ -114,8 +120,6 @@ class DAPO(GRPO):
     @classmethod
     def from_args(cls, args: Any) -> DAPO:
         algo = super().from_args(args)
-        if args.loss_type == "grpo":  # GRPO's default: take DAPO's
-            algo.loss_type = "dapo"
         if args.epsilon_high is None:
             algo.epsilon_high = 0.28
         algo.dynamic_sample = True

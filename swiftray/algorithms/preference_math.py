@@ -75,6 +75,13 @@ def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
     return values[0::2], values[1::2]
 
 
+def pair_logps(token_logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows chosen, rejected, ... (``[2P, T]``) -> completion sums and token counts of each side ``[P]``:
+    (chosen, rejected, chosen lengths, rejected lengths)."""
+    logps, lengths = sequence_logps(token_logprobs, mask)
+    return (*split_pairs(logps), *split_pairs(lengths))
+
+
 def _as_list(loss_type: str | Sequence[str]) -> list[str]:
     return [loss_type] if isinstance(loss_type, str) else list(loss_type)
 

@@ -1,4 +1,4 @@
-"""The roles RL algorithms share, built from the flags: the reward functions and the reference model.
+"""The roles algorithms share, built from the flags: the reward functions, reward models and the reference.
 
 An algorithm's `from_args` calls these to declare what it needs (see base.RoleSpec); the run plan
 places them and the controller starts them. Nothing here imports Ray.
@@ -6,9 +6,10 @@ places them and the controller starts them. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from swiftray.actors.configs import ReferenceConfig, RewardConfig
+from swiftray.actors.configs import ReferenceConfig, RewardConfig, RewardModelConfig
 from swiftray.algorithms.base import RoleSpec
 from swiftray.paths import absolute
 
@@ -56,7 +57,8 @@ def reward_role(args: Any) -> RoleSpec:
                             f"{', '.join(sorted(REWARD_FUNCS))} (add your own with --external_plugins)")
     config = RewardConfig(
         reward_funcs=tuple(args.reward_funcs),
-        reward_weights=tuple(args.reward_weights) if args.reward_weights is not None else None,
+        # --reward_weights lists the functions' weights first, then the reward models' (reward_model_roles).
+        reward_weights=tuple(args.reward_weights[:len(args.reward_funcs)]) if args.reward_weights is not None else None,
         reward_kwargs=reward_settings(args),
         external_plugins=tuple(absolute(p) for p in args.external_plugins),
         registered=driver_rewards(args.reward_funcs))
@@ -65,9 +67,49 @@ def reward_role(args: Any) -> RoleSpec:
 
 
 def reference_role(args: Any) -> RoleSpec:
-    """A frozen copy of the starting policy (or --ref_model) that scores the rollouts' tokens.
-    Its dtype is left to the run plan, which gives every role the run's one dtype."""
+    """A frozen copy of the starting policy (or --ref_model, with --ref_adapters) that scores the rollouts'
+    tokens (RL) or each step's rows (DPO, KTO). Without --ref_adapters it loads --adapters, so that it is
+    the policy as training starts. Its dtype is left to the run plan, which gives every role the run's one
+    dtype."""
+    adapters = getattr(args, "ref_adapters", None) or args.adapters
     config = ReferenceConfig(model_dir=absolute(args.ref_model or args.model),
-                             adapters=tuple(absolute(a) for a in args.adapters), attn_impl=args.attn_impl)
+                             adapters=tuple(absolute(a) for a in adapters), attn_impl=args.attn_impl)
     return RoleSpec("reference", "swiftray.actors.reference:ReferenceActor", config, phases=("annotate",),
                     scale="per_gpu", wants_gpu=True, cpu_share=0.25)
+
+
+def reward_model_roles(args: Any) -> tuple[RoleSpec, ...]:
+    """One scoring role per --reward_model folder, after the reward functions (phase "score", in declared
+    order): its weight is the one --reward_weights lists after the functions' (ms-swift's order)."""
+    from swiftray.arguments import ArgumentError
+
+    models = list(getattr(args, "reward_model", None) or [])
+    weights = list(args.reward_weights) if args.reward_weights is not None else None
+    specs, names = [], []
+    for i, path in enumerate(models):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+            raise ArgumentError(f"--reward_model {path}: no config.json or adapter_config.json there (expected a "
+                                "model or LoRA folder, e.g. an --rlhf_type rm checkpoint)")
+        if args.model and not _same_vocabulary(args.model, path):
+            raise ArgumentError(f"--reward_model {path}: its tokenizer differs from --model {args.model}'s; it scores "
+                                "the policy's token ids, so it must share the policy's tokenizer")
+        name = os.path.basename(os.path.normpath(path))
+        while name in names or name in args.reward_funcs:  # two folders of one name stay apart in the metrics
+            name += "_"
+        names.append(name)
+        weight = weights[len(args.reward_funcs) + i] if weights is not None else 1.0
+        config = RewardModelConfig(model_dir=absolute(path), name=name, weight=float(weight),
+                                   attn_impl=args.attn_impl, nonfinite_reward=args.nonfinite_reward)
+        specs.append(RoleSpec("reward_model" if i == 0 else f"reward_model_{i}",
+                              "swiftray.actors.reward_model:RewardModelActor", config, phases=("score",),
+                              scale="one", wants_gpu=True, cpu_share=0.25))
+    return tuple(specs)
+
+
+def _same_vocabulary(model_dir: str, other_dir: str) -> bool:
+    """Whether two model folders' tokenizers map the same strings to the same ids."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(model_dir):
+        return True  # nothing to compare with (planning for another machine); the run itself loads both
+    return AutoTokenizer.from_pretrained(model_dir).get_vocab() == AutoTokenizer.from_pretrained(other_dir).get_vocab()

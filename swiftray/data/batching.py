@@ -66,6 +66,10 @@ class StepBatcher:
 
     def next_step(self) -> list[list[dict[str, torch.Tensor]]]:
         """Micro-batches for each rank: result[rank][k] is a collated batch."""
+        return self._per_rank(self._take())
+
+    def _take(self) -> list[list[int]]:
+        """The next step's units (advancing the epoch position)."""
         need = self.units_per_step
         chosen = self._units[self.position:self.position + need]
         if len(chosen) < need and len(self._units) >= need:  # epoch tail: pad from the epoch's start
@@ -77,6 +81,9 @@ class StepBatcher:
             self.epoch += 1
             self.position = 0
             self._units = self._epoch_units(self.epoch)
+        return chosen
+
+    def _per_rank(self, chosen: list[list[int]]) -> list[list[dict[str, torch.Tensor]]]:
         per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(self.world_size)]
         b = self.micro_batch_size
         for k in range(self.accumulation):
@@ -121,4 +128,65 @@ def eval_batches(samples: list[dict[str, Any]], *, batch_size: int, world_size: 
         batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
         batches += [[filler]] * (num_batches - len(batches))
         per_rank.append([collate(batch, pad_token_id=pad_token_id, packing=False) for batch in batches])
+    return per_rank
+
+
+class GroupBatcher(StepBatcher):
+    """Steps of samples that each become a group of rows sharing a prompt: a preference pair (chosen,
+    rejected), a KTO example with its KL completion (`kinds.py`).
+
+    A unit is one sample; `collate_fn(samples, pad_token_id)` lays a micro-batch's samples out as rows
+    (adjacent, so that no group is ever split) and `step_counts(samples)` gives the step's global counts
+    (pairs, chosen tokens ...) that every micro-batch carries, so that N ranks give one rank's loss.
+    Per-row values stored on the samples (`ref_logps`, computed once over the dataset) are collated too.
+    A dataset smaller than one step is cycled: a group never becomes a filler row.
+    """
+
+    def __init__(self, samples: list[dict[str, Any]], *, collate_fn: Any, step_counts: Any, **kwargs: Any):
+        self.collate_fn, self.step_counts = collate_fn, step_counts
+        super().__init__(samples, packing=False, **kwargs)
+
+    def _take(self) -> list[list[int]]:
+        need = self.units_per_step
+        if len(self._units) >= need:
+            return super()._take()
+        chosen = (self._units * math.ceil(need / len(self._units)))[:need]
+        self.epoch, self.position = self.epoch + 1, 0
+        self._units = self._epoch_units(self.epoch)
+        return chosen
+
+    def _per_rank(self, chosen: list[list[int]]) -> list[list[dict[str, torch.Tensor]]]:
+        per_rank = super()._per_rank(chosen)
+        counts = {k: torch.tensor(v) for k, v in self.step_counts([self.samples[u[0]] for u in chosen]).items()}
+        for micro in (m for rank in per_rank for m in rank):
+            micro.update(counts)
+        return per_rank
+
+    def _collate(self, units: list[list[int]]) -> dict[str, torch.Tensor]:
+        return collate_groups([self.samples[unit[0]] for unit in units], self.collate_fn, self.pad_token_id)
+
+
+def collate_groups(samples: list[dict[str, Any]], collate_fn: Any, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`collate_fn`'s rows plus `ref_logps` [rows] when every sample carries its rows' values."""
+    batch = collate_fn(samples, pad_token_id)
+    if all("ref_logps" in s for s in samples):
+        batch["ref_logps"] = torch.tensor([v for s in samples for v in s["ref_logps"]], dtype=torch.float32)
+    return batch
+
+
+def group_eval_batches(samples: list[dict[str, Any]], *, batch_size: int, world_size: int, pad_token_id: int,
+                       collate_fn: Any, step_counts: Any) -> list[list[dict[str, torch.Tensor]]]:
+    """Every eval sample at least once, in full batches of `batch_size` samples on every rank: the list is
+    filled up to a whole number of rounds from its start (as DistributedSampler pads), so that every
+    micro-batch has its full size and averaging metrics over them gives the mean over samples."""
+    per_round = batch_size * world_size
+    total = math.ceil(len(samples) / per_round) * per_round
+    padded = (samples * math.ceil(total / len(samples)))[:total]
+    counts = {k: torch.tensor(v) for k, v in step_counts(padded).items()}
+    per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(world_size)]
+    for k in range(total // per_round):
+        for rank in range(world_size):
+            start = (k * world_size + rank) * batch_size
+            batch = collate_groups(padded[start:start + batch_size], collate_fn, pad_token_id)
+            per_rank[rank].append({**batch, **counts})
     return per_rank

@@ -21,6 +21,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 ATTN_IMPLS = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2",
               "flash_attention_2": "flash_attention_2"}
 TRAIN_TYPES = ("full", "lora", "dora", "qlora")
+HEADS = ("lm", "score")  # what the model outputs: vocabulary logits, or one score per row (reward models)
 
 
 def resolve_dtype(torch_dtype: str, model_dir: str | None = None) -> torch.dtype:
@@ -85,8 +86,13 @@ def load_model(
     modules_to_save: Sequence[str] = (),
     use_liger_kernel: bool = False,
     seed: int = 42,
+    head: str = "lm",
 ) -> torch.nn.Module:
     """Load a causal LM from `model_dir` on CPU, ready for training.
+
+    head "score" loads it with a one-output sequence-classification head instead of the LM head
+    (`reward_model.load_reward_model`: a fresh head, seeded, or a saved reward model's), for reward
+    models; with LoRA the head trains in full beside the adapter (PEFT's SEQ_CLS task).
 
     train_type "full" trains every parameter; "lora"/"dora" wrap the model in a PEFT
     adapter (only adapter and `modules_to_save` parameters train); "qlora" loads the
@@ -99,6 +105,10 @@ def load_model(
     _check_dir(model_dir)
     if train_type not in TRAIN_TYPES:
         raise ValueError(f"train_type={train_type!r}: expected one of {TRAIN_TYPES}")
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}: expected one of {HEADS}")
+    if head == "score" and train_type == "qlora":
+        raise ValueError("train_type='qlora' with a score head (reward models) is not supported; use lora or full")
     if attn_impl is not None and attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl={attn_impl!r}: expected None or one of {list(ATTN_IMPLS)}")
     if attn_impl == "flash_attn":
@@ -127,7 +137,12 @@ def load_model(
             bnb_4bit_compute_dtype=dtype,
         )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if head == "score":
+        from swiftray.models.reward_model import load_reward_model
+
+        model = load_reward_model(model_dir, torch_dtype=torch_dtype, attn_impl=attn_impl, seed=seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
 
     if use_liger_kernel:
@@ -142,12 +157,12 @@ def load_model(
         return model
     return _wrap_peft(
         model, train_type, list(adapters), lora_rank, lora_alpha, lora_dropout, target_modules,
-        modules_to_save, gradient_checkpointing, seed,
+        modules_to_save, gradient_checkpointing, seed, "SEQ_CLS" if head == "score" else "CAUSAL_LM",
     )
 
 
 def _wrap_peft(model, train_type, adapters, rank, alpha, dropout, target_modules, modules_to_save,
-               gradient_checkpointing, seed):
+               gradient_checkpointing, seed, task_type="CAUSAL_LM"):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if train_type == "qlora":
@@ -166,7 +181,7 @@ def _wrap_peft(model, train_type, adapters, rank, alpha, dropout, target_modules
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         modules_to_save=list(modules_to_save) or None,
         use_dora=train_type == "dora",
-        task_type="CAUSAL_LM",
+        task_type=task_type,  # SEQ_CLS: PEFT trains and saves the score head in full (modules_to_save)
     )
     torch.manual_seed(seed)
     return get_peft_model(model, config)

@@ -10,6 +10,7 @@ tokenizer whose pad is its eos would score the token before it, in training and 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,12 +25,25 @@ def load_reward_model(model_dir: str, *, torch_dtype: str = "float32", attn_impl
 
     ``pad_token_id`` defaults to the config's, else the folder's tokenizer's (its pad, else its eos);
     the score head needs it to find each row's last token. ``seed`` fixes a fresh head's init, so
-    every rank of a group builds the same weights.
+    every rank of a group builds the same weights. A LoRA reward model (an adapter folder whose score
+    head PEFT saved in full, as `--rlhf_type rm --train_type lora` writes it) is loaded on its base
+    model and merged.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist (no model hub is used)")
+    adapter_config = os.path.join(model_dir, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        from peft import PeftModel
+
+        with open(adapter_config, encoding="utf-8") as f:
+            base_dir = json.load(f).get("base_model_name_or_path")
+        if not base_dir or not os.path.isdir(base_dir):
+            raise FileNotFoundError(f"{adapter_config}: its base model {base_dir!r} is not a local folder")
+        base = load_reward_model(base_dir, torch_dtype=torch_dtype, attn_impl=attn_impl, pad_token_id=pad_token_id,
+                                 seed=seed)
+        return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
     config = AutoConfig.from_pretrained(model_dir, num_labels=1)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id

@@ -1,0 +1,329 @@
+"""Preference learning and reward models learn, on held-out data, against shuffled-label controls.
+
+For each seed, as scripts/demo.py does first:
+
+    1. build the tiny model and SFT it on `swiftray/arithmetic:easy_train` until `easy_val` accuracy
+       reaches --sft_target (the model knows the format, far from mastery);
+    2. from that checkpoint, train each method on `swiftray/arithmetic-pairs:easy_train` (right answer
+       chosen, a plausible wrong one rejected) and, as its control, on the same pairs with chosen and
+       rejected swapped at random (a fair coin per pair, seeded): the control must not gain;
+    3. measure on held-out data (`easy_test`: problems no run trained on):
+       - preference accuracy over the 300 held-out pairs: the share in which the trained model's implicit
+         reward ranks chosen above rejected (ties count half, so the SFT model scores 50%). DPO and KTO:
+         beta x (log pi - log ref) with the SFT model as ref; SimPO: its own reward, the per-token
+         average log-prob, for which the SFT model itself has a score;
+       - greedy task accuracy on the 300 held-out problems (the accuracy reward);
+       - reward model: the share of held-out pairs it scores chosen above rejected;
+    4. GRPO from the SFT checkpoint with `--reward_model` the trained RM as its only reward, and as the
+       control with an untrained RM (the SFT model with a fresh score head): task accuracy after each.
+
+Results go to WORK/results.json and, with --write_doc, to docs/preference_runs.md.
+Run: `python scripts/preference_learning.py --seeds 42 7 --write_doc` (about an hour per seed on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from demo import heldout_accuracy, last_checkpoint, sft_until  # noqa: E402
+
+from swiftray.arguments import RlhfArguments  # noqa: E402
+from swiftray.cli_parser import parse_args  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_PAIRS = "swiftray/arithmetic-pairs:easy_test"
+TEST_TASK = "swiftray/arithmetic:easy_test"
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def write_jsonl(rows: list[dict], path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def pair_data(work: Path, seed: int, shuffled: bool, kto: bool) -> str:
+    """`--dataset` of the training pairs (or their KTO view); shuffled: each pair's sides swapped with
+    probability 1/2 (the control, whose labels carry no information)."""
+    from swiftray.data.builtin.arithmetic_pairs import arithmetic_pairs_split
+
+    if not shuffled:
+        return "swiftray/arithmetic-pairs:easy_train" + ("_kto" if kto else "")
+    rng = random.Random(seed)
+    rows = []
+    for row in arithmetic_pairs_split("easy_train"):
+        good, bad = row["messages"][-1]["content"], row["rejected_response"]
+        if rng.random() < 0.5:
+            good, bad = bad, good
+        question = row["messages"][:-1]
+        if kto:
+            rows += [{"messages": question + [{"role": "assistant", "content": good}], "label": True},
+                     {"messages": question + [{"role": "assistant", "content": bad}], "label": False}]
+        else:
+            rows.append({"messages": question + [{"role": "assistant", "content": good}], "rejected_response": bad})
+    return write_jsonl(rows, work / f"shuffled_pairs{'_kto' if kto else ''}.jsonl")
+
+
+# ---------------------------------------------------------------------------------------- held-out measures
+
+
+def heldout_pairs(tokenizer_dir: Path) -> tuple[list[dict], object]:
+    from swiftray.data.loader import load_datasets
+    from swiftray.data.preference import encode_pair, normalize_pair_row
+    from swiftray.data.template import Template
+    from swiftray.models.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    template = Template(tokenizer)
+    rows = list(load_datasets([TEST_PAIRS], shuffle=False, normalize=normalize_pair_row))
+    return [encode_pair(template, row) for row in rows], tokenizer
+
+
+def pair_logps(model_dir: Path, pairs: list[dict], pad: int) -> tuple[list[float], list[float], list[int], list[int]]:
+    """Completion log-prob sums and token counts of every held-out pair's chosen and rejected side."""
+    import torch
+
+    from swiftray.algorithms.preference_math import sequence_logps, split_pairs
+    from swiftray.data.preference import preference_batch
+    from swiftray.models.inference import load_inference_model
+
+    model, _ = load_inference_model(str(model_dir))
+    out: list[list] = [[], [], [], []]
+    with torch.no_grad():
+        for start in range(0, len(pairs), 32):
+            batch = preference_batch(pairs[start:start + 32], pad)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            mask = targets != -100
+            token = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            sums, lengths = sequence_logps(token * mask, mask)
+            for i, values in enumerate((*split_pairs(sums), *split_pairs(lengths))):
+                out[i] += values.tolist()
+    return tuple(out)  # type: ignore[return-value]
+
+
+def ranked(chosen: list[float], rejected: list[float]) -> float:
+    """Share of pairs with chosen above rejected; ties count half."""
+    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(chosen)
+
+
+def preference_accuracy(policy: Path, reference: Path, pairs: list[dict], pad: int) -> dict[str, float]:
+    """Held-out preference accuracy by the DPO/KTO implicit reward (log pi - log ref) and by the average
+    log-prob (SimPO's reward, reference-free)."""
+    pc, pr, lc, lr = pair_logps(policy, pairs, pad)
+    rc, rr, _, _ = pair_logps(reference, pairs, pad) if policy != reference else (pc, pr, lc, lr)
+    return {"implicit_reward": ranked([p - r for p, r in zip(pc, rc)], [p - r for p, r in zip(pr, rr)]),
+            "average_logprob": ranked([p / n for p, n in zip(pc, lc)], [p / n for p, n in zip(pr, lr)])}
+
+
+def reward_model_accuracy(model_dir: Path, pairs: list[dict], pad: int) -> float:
+    import torch
+
+    from swiftray.data.preference import preference_batch
+    from swiftray.models.reward_model import load_reward_model, reward_scores
+
+    model = load_reward_model(str(model_dir)).eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), 32):
+            batch = preference_batch(pairs[start:start + 32], model.config.pad_token_id)
+            scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+            chosen += scores[0::2].tolist()
+            rejected += scores[1::2].tolist()
+    return ranked(chosen, rejected)
+
+
+def untrained_reward_model(sft: Path, out: Path, seed: int) -> Path:
+    """The SFT model with a fresh (seeded) score head: a reward model that learnt nothing."""
+    from swiftray.models.loader import load_tokenizer
+    from swiftray.models.reward_model import load_reward_model, save_reward_model
+
+    if not (out / "config.json").exists():
+        save_reward_model(load_reward_model(str(sft), seed=seed), str(out), tokenizer=load_tokenizer(str(sft)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+
+def rlhf(flags: list[str]) -> Path:
+    from swiftray.controller import run_rlhf
+
+    return last_checkpoint(run_rlhf(parse_args(RlhfArguments, flags)))
+
+
+def common(model: Path, out: Path, seed: int, steps: int) -> list[str]:
+    return ["--model", str(model), "--train_type", "full", "--max_steps", str(steps),
+            "--lr_scheduler_type", "constant", "--gradient_checkpointing", "false", "--save_steps", str(steps),
+            "--logging_steps", "10", "--eval_strategy", "no", "--report_to", "none", "--seed", str(seed),
+            "--output_dir", str(out)]
+
+
+def train_preference(method: str, sft: Path, work: Path, seed: int, shuffled: bool, opts: argparse.Namespace) -> Path:
+    dataset = pair_data(work, seed, shuffled, kto=method == "kto")
+    flags = ["--rlhf_type", method, "--dataset", dataset, "--per_device_train_batch_size", str(opts.pairs_per_step),
+             "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr[method])]
+    if method == "simpo":
+        flags += ["--cpo_alpha", "0"]  # pure SimPO: no NLL term, so the gain comes from the preferences alone
+    name = f"{method}{'_control' if shuffled else ''}"
+    return rlhf(flags + common(sft, work / name, seed, opts.steps[method]))
+
+
+def grpo(sft: Path, reward_model: Path, work: Path, name: str, seed: int, opts: argparse.Namespace) -> Path:
+    flags = ["--rlhf_type", "grpo", "--dataset", "swiftray/arithmetic:easy_train", "--reward_model", str(reward_model),
+             "--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "1", "--num_generations", "8",
+             "--max_completion_length", "48", "--temperature", "1.0", "--learning_rate", str(opts.grpo_lr),
+             "--beta", "0.0"]
+    return rlhf(flags + common(sft, work / name, seed, opts.grpo_steps))
+
+
+def run_seed(seed: int, opts: argparse.Namespace) -> dict:
+    from swiftray.models.tiny import make_tiny_model
+
+    work = Path(opts.work_dir) / f"seed{seed}"
+    start = time.time()
+    model_dir = work / "tiny-model"
+    if not (model_dir / "config.json").exists():
+        make_tiny_model(model_dir, seed=seed, hidden_size=128, num_layers=4, intermediate_size=512)
+    sft_opts = argparse.Namespace(seed=seed, sft_chunk=50, sft_max_steps=600, sft_target=opts.sft_target)
+    done = work / "sft_checkpoint.txt"
+    if done.exists():
+        sft = Path(done.read_text().strip())
+    else:
+        sft, _curve = sft_until(model_dir, work, sft_opts)
+        done.write_text(str(sft))
+    pairs, tokenizer = heldout_pairs(sft)
+    pad = tokenizer.pad_token_id
+    result: dict = {"seed": seed, "sft_checkpoint": str(sft),
+                    "sft": {"task_accuracy": heldout_accuracy(sft, TEST_TASK, 300, 48),
+                            **preference_accuracy(sft, sft, pairs, pad)}}
+    print(f"\n== seed {seed} SFT: {result['sft']}\n", flush=True)
+    for method in opts.methods:
+        if method in ("dpo", "kto", "simpo", "orpo", "cpo"):
+            for shuffled in (False, True):
+                ckpt = train_preference(method, sft, work, seed, shuffled, opts)
+                name = f"{method}{'_control' if shuffled else ''}"
+                result[name] = {"task_accuracy": heldout_accuracy(ckpt, TEST_TASK, 300, 48),
+                                **preference_accuracy(ckpt, sft, pairs, pad)}
+                print(f"\n== seed {seed} {name}: {result[name]}\n", flush=True)
+        elif method == "rm":
+            for shuffled in (False, True):
+                name = f"rm{'_control' if shuffled else ''}"
+                flags = ["--rlhf_type", "rm", "--dataset", pair_data(work, seed, shuffled, kto=False),
+                         "--per_device_train_batch_size", str(opts.pairs_per_step), "--gradient_accumulation_steps",
+                         "1", "--learning_rate", str(opts.lr["rm"])]
+                ckpt = rlhf(flags + common(sft, work / name, seed, opts.steps["rm"]))
+                result[name] = {"pair_accuracy": reward_model_accuracy(ckpt, pairs, pad), "checkpoint": str(ckpt)}
+                print(f"\n== seed {seed} {name}: {result[name]}\n", flush=True)
+        elif method == "grpo_rm":
+            trained = Path(result.get("rm", {}).get("checkpoint") or opts.reward_model)
+            untrained = untrained_reward_model(sft, work / "untrained-rm", seed)
+            for name, rm in (("grpo_rm", trained), ("grpo_rm_control", untrained)):
+                ckpt = grpo(sft, rm, work, name, seed, opts)
+                result[name] = {"task_accuracy": heldout_accuracy(ckpt, TEST_TASK, 300, 48), "reward_model": str(rm)}
+                print(f"\n== seed {seed} {name}: {result[name]}\n", flush=True)
+    result["minutes"] = round((time.time() - start) / 60, 1)
+    (work / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def change(after: float, before: float) -> str:
+    return f"{100 * (after - before):+.1f}"
+
+
+def render(results: list[dict], opts: argparse.Namespace) -> str:
+    lines = ["# Preference learning runs", "",
+             "What `scripts/preference_learning.py` measured (`python scripts/preference_learning.py --seeds "
+             f"{' '.join(str(r['seed']) for r in results)} --write_doc`) on the development machine (2 CPU cores, "
+             "shared with other jobs). Every run starts from the seed's SFT checkpoint (the demo's: SFT on "
+             "`swiftray/arithmetic:easy_train` until `easy_val` accuracy reaches "
+             f"{pct(opts.sft_target)}); held-out figures are over the 300 `easy_test` problems and their pairs, "
+             "which no run trained on. Controls train on the same pairs with chosen and rejected swapped at random.",
+             "", "Settings: " + ", ".join(f"{m} {opts.steps[m]} steps at lr {opts.lr[m]:g}" for m in opts.steps
+                                          if m in opts.methods)
+             + f"; {opts.pairs_per_step} pairs (KTO: examples) per step; GRPO {opts.grpo_steps} steps at lr "
+             f"{opts.grpo_lr:g}, 8 prompts x 8 completions, beta 0, the reward model its only reward.", ""]
+    lines += ["## Preference accuracy and task accuracy (held-out)", "",
+              "Preference accuracy: DPO and KTO by their implicit reward log pi - log ref (the SFT model is 50% "
+              "by construction); SimPO by its own reward, the average log-prob (the SFT model has a score).", "",
+              "| seed | method | preference accuracy: SFT -> trained (change) | control | task accuracy: SFT -> "
+              "trained (change) | control |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        for method in ("dpo", "kto", "simpo", "orpo", "cpo"):
+            if method not in r:
+                continue
+            key = "average_logprob" if method in ("simpo", "orpo", "cpo") else "implicit_reward"
+            base, got, ctl = r["sft"], r[method], r[f"{method}_control"]
+            lines.append(f"| {r['seed']} | {method} | {pct(base[key])} -> {pct(got[key])} ({change(got[key], base[key])}) | "
+                         f"{pct(ctl[key])} ({change(ctl[key], base[key])}) | {pct(base['task_accuracy'])} -> "
+                         f"{pct(got['task_accuracy'])} ({change(got['task_accuracy'], base['task_accuracy'])}) | "
+                         f"{pct(ctl['task_accuracy'])} ({change(ctl['task_accuracy'], base['task_accuracy'])}) |")
+    if any("rm" in r for r in results):
+        lines += ["", "## Reward model: held-out pairs ranked right (chance: 50%)", "",
+                  "| seed | trained on the pairs | control (shuffled pairs) |", "| --- | --- | --- |"]
+        lines += [f"| {r['seed']} | {pct(r['rm']['pair_accuracy'])} | {pct(r['rm_control']['pair_accuracy'])} |"
+                  for r in results if "rm" in r]
+    if any("grpo_rm" in r for r in results):
+        lines += ["", "## GRPO with the reward model as its only reward: held-out task accuracy", "",
+                  "| seed | SFT | GRPO, trained RM (change) | GRPO, untrained RM (change) |", "| --- | --- | --- | --- |"]
+        for r in results:
+            if "grpo_rm" in r:
+                base = r["sft"]["task_accuracy"]
+                lines.append(f"| {r['seed']} | {pct(base)} | {pct(r['grpo_rm']['task_accuracy'])} "
+                             f"({change(r['grpo_rm']['task_accuracy'], base)}) | "
+                             f"{pct(r['grpo_rm_control']['task_accuracy'])} "
+                             f"({change(r['grpo_rm_control']['task_accuracy'], base)}) |")
+    lines += ["", "Minutes per seed (everything above, on the shared machine): "
+              + ", ".join(f"{r['seed']}: {r['minutes']}" for r in results), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work_dir", default="preference_runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
+    p.add_argument("--methods", nargs="+", default=["dpo", "kto", "simpo", "rm", "grpo_rm"],
+                   choices=["dpo", "kto", "simpo", "orpo", "cpo", "rm", "grpo_rm"])
+    p.add_argument("--sft_target", type=float, default=0.3)
+    p.add_argument("--pairs_per_step", type=int, default=8)
+    p.add_argument("--steps", type=json.loads, default={"dpo": 150, "kto": 150, "simpo": 150, "orpo": 150,
+                                                        "cpo": 150, "rm": 150},
+                   help='JSON: optimizer steps per method, e.g. \'{"dpo": 150}\'')
+    p.add_argument("--lr", type=json.loads, default={"dpo": 2e-4, "kto": 2e-4, "simpo": 2e-4, "orpo": 2e-4,
+                                                     "cpo": 2e-4, "rm": 5e-4},
+                   help="JSON: learning rate per method")
+    p.add_argument("--grpo_steps", type=int, default=100)
+    p.add_argument("--grpo_lr", type=float, default=1e-4)
+    p.add_argument("--reward_model", default=None, help="grpo_rm without rm: the trained reward model to use")
+    p.add_argument("--write_doc", action="store_true", help="write docs/preference_runs.md from the results")
+    opts = p.parse_args(argv)
+    defaults = {a.dest: a.default for a in p._actions}
+    opts.steps, opts.lr = {**defaults["steps"], **opts.steps}, {**defaults["lr"], **opts.lr}
+    results = [run_seed(seed, opts) for seed in opts.seeds]
+    print(json.dumps(results, indent=2))
+    if opts.write_doc:
+        (REPO / "docs" / "preference_runs.md").write_text(render(results, opts))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
