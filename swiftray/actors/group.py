@@ -68,6 +68,21 @@ class DistributedWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def call_with_receipt(self, method: str, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        """(method's result, receipt): called with num_returns=2, so that the driver learns that a call
+        finished, where, on which weight version and what it noted (`receipt_notes`), without fetching
+        the result itself; a receipt that fails on its own means this actor died (controller/work.py)."""
+        import time
+
+        start = time.time()
+        result = getattr(self, method)(*args, **kwargs)
+        return result, {"node": self.node_id(), "pid": os.getpid(), "version": getattr(self, "version", None),
+                        "seconds": time.time() - start, **self.receipt_notes()}
+
+    def receipt_notes(self) -> dict[str, Any]:
+        """What the last call wants the driver to know (a reward actor: the samples it cut off)."""
+        return {}
+
     def use_cores(self, share: float) -> int:
         """Set torch's threads to `share` of this node's cores (at least 1); returns the thread count.
 
@@ -140,15 +155,48 @@ class ActorGroup:
             self.shutdown()
             raise
 
-    def _start_actor(self, rank: int) -> Any:
+    def _start_actor(self, rank: int, scheduling_strategy: Any = None) -> Any:
+        """Rank `rank`'s actor in its bundle, or where `scheduling_strategy` says (a replacement whose
+        bundle has no node, an engine added to the elastic pool)."""
         remote_cls = self.actor_cls if hasattr(self.actor_cls, "remote") else ray.remote(self.actor_cls)
+        if scheduling_strategy is None:
+            scheduling_strategy = PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group, placement_group_bundle_index=self.bundles[rank])
         return remote_cls.options(
             num_cpus=self.num_cpus_per_worker,
             num_gpus=self.num_gpus_per_worker,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.placement_group, placement_group_bundle_index=self.bundles[rank]
-            ),
+            scheduling_strategy=scheduling_strategy,
         ).remote(*self.init_args)
+
+    def start_single(self, rank: int, timeout_s: float = 60, scheduling_strategy: Any = None) -> Any:
+        """A new actor for rank `rank` that joins no process group (a replacement of a lost actor of a
+        role whose ranks never talk to each other, or an extra engine), started and reachable.
+
+        It goes in the rank's bundle; when that bundle has no node within `timeout_s` (its node is gone
+        and the placement group cannot place it elsewhere), anywhere with room for it. Raises
+        RuntimeError naming the role when neither works."""
+        strategies = [scheduling_strategy] if scheduling_strategy is not None else [None, "DEFAULT"]
+        for strategy in strategies:
+            if strategy is None and (rank >= len(self.bundles) or not _placed(self.placement_group)):
+                continue
+            actor = self._start_actor(rank, strategy)
+            try:
+                ray.get(actor.init_distributed.remote(rank, self.num_workers, "", 0, None,
+                                                      max(1, int(self.num_cpus_per_worker))), timeout=timeout_s)
+                return actor
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                ray.kill(actor)
+        raise RuntimeError(f"role {self.name!r}: no room for a new actor ({self.num_cpus_per_worker:g} CPU, "
+                           f"{self.num_gpus_per_worker:g} GPU) within {timeout_s:g}s; the cluster has "
+                           f"{ray.available_resources()} free")
+
+    def restart(self) -> None:
+        """Every rank anew in its bundle, joined in a new process group (the policy after losing a rank).
+        The caller sets the new actors up."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = [self._start_actor(rank) for rank in range(self.num_workers)]
+        self._join(self.actors)
 
     def _join(self, actors: list) -> None:
         """Rendezvous: every rank joins the group's process group (or, without one, learns its rank)."""
@@ -191,6 +239,13 @@ class ActorGroup:
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
+
+
+def _placed(pg: Any) -> bool:
+    """Whether every bundle of `pg` has a node (not so while Ray reschedules those of a lost node)."""
+    from ray.util.placement_group import placement_group_table
+
+    return placement_group_table(pg).get("state") == "CREATED"
 
 
 def placement_group_for(name: str, bundles: list[dict[str, float]], timeout_s: float = 60) -> Any:

@@ -390,6 +390,13 @@ class PolicyActor(DistributedWorker):
         except (OSError, ValueError) as err:
             error = err
         _all_ranks_succeed(error)
+        if meta["world_size"] != self.world_size and self.rank == 0:
+            logging.getLogger("swiftray").info("%s: saved by %d ranks, resumed by %d", path, meta["world_size"],
+                                               self.world_size)
+        return self._restore(meta, weights, optim, rng)
+
+    def _restore(self, meta: dict, weights: dict, optim: dict, rng: dict) -> int:
+        """Collective: put a read or snapshotted training state in place; returns its step."""
         groups = [train_state.from_json_group(g) for g in meta["param_groups"]]
         self.backend.restore_train_state(weights, optim, groups, meta["global_step"])  # collective
         del weights, optim
@@ -399,12 +406,29 @@ class PolicyActor(DistributedWorker):
         self.global_step = meta["global_step"]
         self.nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
         self.nonfinite_total = int(meta.get("nonfinite_total", 0))
-        if meta["world_size"] != self.world_size and self.rank == 0:
-            logging.getLogger("swiftray").info("%s: saved by %d ranks, resumed by %d", path, meta["world_size"],
-                                               self.world_size)
         train_state.set_rng(rng)
         dist.barrier()
         return self.global_step
+
+    def snapshot(self) -> dict[str, Any]:
+        """The training state in memory, as save_checkpoint writes it to train_state/: rank 0's holds the
+        weights, optimizer and scheduler state, every rank's its RNG state. The driver keeps the refs
+        (the objects live in Ray's store) and hands them to restore_snapshot when a rank is lost."""
+        weights, optim, groups = self.backend.gather_train_state()  # collective
+        rng = train_state.get_rng()
+        if self.rank != 0:
+            return {"rng": rng}
+        meta = {"global_step": self.global_step, "world_size": self.world_size, "backend": self.backend.name,
+                "param_groups": train_state.to_json(groups), "scheduler": train_state.to_json(self.scheduler.state_dict()),
+                "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total}
+        return {"meta": meta, "weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
+                "optim": {k: {n: t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
+                              for n, t in state.items()} for k, state in optim.items()}, "rng": rng}
+
+    def restore_snapshot(self, own: dict[str, Any], state: dict[str, Any]) -> int:
+        """Collective: go back to a snapshot (this rank's `own` for its RNG, rank 0's `state` for the
+        rest); as many ranks as took it."""
+        return self._restore(state["meta"], state["weights"], state["optim"], own["rng"])
 
     def export_weights(self, bucket_bytes: int = 64 << 20, merge_lora: bool = True,
                        shared_memory: bool = False) -> list[ray.ObjectRef] | list[dict]:
