@@ -446,16 +446,9 @@ class PolicyActor(DistributedWorker):
         weights (merge_lora=True, what an engine without PEFT loads); merge_lora=False gives
         the adapter's own weights as PEFT saves them.
         """
-        state = self.backend.full_state_dict()
-        if self.rank != 0:
+        state = self._engine_state(merge_lora)
+        if state is None:
             return []
-        if self.backend.is_peft:
-            if merge_lora:
-                state = peft_to_base_state_dict(self.backend.module, state)
-            else:
-                from peft import get_peft_model_state_dict
-
-                state = get_peft_model_state_dict(self.backend.module, state_dict=state)
         if shared_memory and shared_weights.available() and getattr(self, "_shared_writer", None) is not False:
             if getattr(self, "_shared_writer", None) is None:
                 self._shared_writer = shared_weights.SharedWeightsWriter()
@@ -474,6 +467,38 @@ class PolicyActor(DistributedWorker):
             buckets[-1][name] = tensor.detach().cpu().contiguous()
             size += tensor.numel() * tensor.element_size()
         return [ray.put(bucket) for bucket in buckets if bucket]
+
+    def _engine_state(self, merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
+        """Collective: the weights engines load, on rank 0 (None elsewhere); see export_weights."""
+        state = self.backend.full_state_dict()
+        if self.rank != 0:
+            return None
+        if self.backend.is_peft:
+            if merge_lora:
+                state = peft_to_base_state_dict(self.backend.module, state)
+            else:
+                from peft import get_peft_model_state_dict
+
+                state = get_peft_model_state_dict(self.backend.module, state_dict=state)
+        return state
+
+    def join_weight_group(self, master_addr: str, master_port: int, size: int, backend: str, epoch: int) -> None:
+        """Rank 0: open the weight-broadcast group (rank 0 of it) on the address weight_group_address gave."""
+        from swiftray.actors.collective_sync import WeightBroadcast
+
+        listen, self._store_socket = getattr(self, "_store_socket", None), None
+        self._weight_group = None  # a previous group's sockets go first
+        self._weight_group = WeightBroadcast(master_addr, master_port, 0, size, backend, epoch, listen_socket=listen)
+
+    def broadcast_weights(self, version: int, bucket_bytes: int = 64 << 20) -> int:
+        """Collective over the policy's ranks: rank 0 broadcasts the engines' weights (versioned, in buckets)
+        to the engines of its weight-broadcast group; returns the bytes sent (0 on other ranks)."""
+        state = self._engine_state()
+        if state is None:
+            return 0
+        if getattr(self, "_weight_group", None) is None:
+            raise RuntimeError("PolicyActor.broadcast_weights: join_weight_group first")
+        return self._weight_group.send(state, version, bucket_bytes)
 
     def offload(self, model: bool = True, optimizer: bool = True, gc_collect: bool = False) -> None:
         """Colocated mode, while the engines generate: move the weights (--offload_model) and/or the

@@ -44,6 +44,7 @@ from swiftray.controller.rl_data import PromptSampler, encode_prompts, readable_
 from swiftray.controller.rl_tasks import attach_old_logprobs, filter_groups, make_step_batch, score_eval
 from swiftray.controller.roles import RunningRoles
 from swiftray.controller.supervision import Supervisor
+from swiftray.controller.weight_sync import WeightSync
 from swiftray.controller.work import Chunk, Request, Work, ledger_entries
 from swiftray.data.pipeline import load_train_val, make_template
 from swiftray.models.loader import load_tokenizer
@@ -64,15 +65,13 @@ class RLStep:
     def __init__(self, plan: RunPlan, roles: RunningRoles, pad_token_id: int, run_dir: Path | None = None):
         self.plan, self.roles, self.pad_token_id = plan, roles, pad_token_id
         self.algorithm = plan.algorithm
-        nodes = ray.get([a.node_id.remote() for a in roles["policy"].actors[:1] + roles["rollout"].actors])
-        # Weights go through the policy's shared-memory buffer when every rollout shares its node.
-        self.shared_sync = len(set(nodes)) == 1
         # Trained beside the policy on the same shards: the policy and any role in the "train" phase.
         self.trained = {"policy": roles["policy"], **{r.name: roles[r.name] for r in plan.roles_in("train")}}
         # Faults: lost actors replaced and their chunks issued again; every step's prompts in the ledger.
         self.version: int | None = None  # the weight version the engines hold
         self.supervisor = Supervisor(plan, roles, self.catch_up)
         self.work = Work(self.supervisor)
+        self.weights = WeightSync(plan, roles, self.supervisor, SYNC_BUCKET_BYTES)
         self.ledger = Ledger(run_dir)
 
     def generate(self, rows: list[dict[str, Any]], params: Any, seed: int, ids: list[int] | None = None,
@@ -92,7 +91,12 @@ class RLStep:
         """Refs of a request's scored rollouts, once all are there (lost actors replaced on the way)."""
         refs = self.work.finish(request)
         if request.step is not None:
-            self.ledger.add(request.step, ledger_entries(request))
+            entries = ledger_entries(request)
+            for entry in entries:
+                for cut in entry["reward_timeouts"]:
+                    logger.warning("step %d: reward function %r hung on a completion of prompt %s (--reward_timeout); "
+                                   "it gets no reward from it", request.step, cut["function"], cut["prompt"])
+            self.ledger.add(request.step, entries)
         return refs
 
     def annotate(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
@@ -161,23 +165,12 @@ class RLStep:
         return out
 
     def sync_weights(self, version: int) -> float:
-        """Policy -> engines (a shared-memory buffer on one node, else the object store); seconds taken.
-        Returns once every engine has loaded the weights: the next export may reuse the buffer an
-        engine read before (shared_weights.py)."""
-        start = time.time()
+        """Policy -> engines, each on its path (weight_sync.py: a shared-memory buffer on policy rank 0's
+        node, a broadcast to other nodes); seconds taken. Returns once every engine has loaded the
+        weights: the next export may reuse the buffer an engine read before (shared_weights.py)."""
         self.work.flush()  # chunks requested before this sync run on the weights they were requested with
-        exports = self.roles["policy"].call_all("export_weights", SYNC_BUCKET_BYTES, shared_memory=self.shared_sync)
-        # Rank 0's export goes to the engines as a reference (Ray resolves it there): no driver round trip.
-        ray.get(exports[1:])
-        engines = list(self.roles["rollout"].actors)
-        updates = [engine.update_weights.remote(version, exports[0]) for engine in engines]
-        self.version = version
-        for engine, ref in zip(engines, updates):
-            try:
-                ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-                self.supervisor.lost("rollout", engine, err)  # its replacement is caught up to `version`
-        return time.time() - start
+        self.version = version  # what an engine replaced during the sync is caught up to
+        return self.weights.sync(version)
 
     # Colocated mode: the engines and the policy take turns with the devices they share.
     def sleep_engines(self) -> None:

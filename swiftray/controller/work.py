@@ -227,7 +227,10 @@ def ledger_entries(request: Request) -> list[dict[str, Any]]:
     out = []
     for chunk in request.chunks:
         first = chunk.done[0] or {}
+        timeouts = [{"function": name, "sample": j,
+                     "prompt": chunk.prompt_ids[g] if g < len(chunk.prompt_ids) else None}
+                    for receipt in chunk.done if receipt for name, j, g in receipt.get("reward_timeouts", [])]
         out.append({"chunk": chunk.index, "prompts": list(chunk.prompt_ids), "seed": chunk.seed,
-                    "rollout_version": first.get("version"), "node": first.get("node"), "issues": chunk.issues,
-                    "resample": request.resample})
+                    "rollout_version": first.get("version"), "node": first.get("node"), "engine_pid": first.get("pid"),
+                    "issues": chunk.issues, "resample": request.resample, "reward_timeouts": timeouts})
     return out
