@@ -61,6 +61,10 @@ ALTERNATIVES: dict[str, list[str]] = {
     "vllm_enable_prefix_caching": ["false"], "num_infer_workers": ["2"], "sleep_level": ["1"],
     "offload_model": ["true"], "offload_optimizer": ["true"], "gc_collect_after_offload": ["true"],
     "async_generate": ["true"], "log_completions": ["true"], "rollout_batch_size": ["1"],
+    "max_restarts": ["0"], "memory_checkpoint_steps": ["2"], "reward_timeout": ["30"], "max_infer_workers": ["4"],
+    "weight_sync": ["collective"],
+    # The pool's minimum cannot exceed the engines it starts with (one by default): start with two.
+    "min_infer_workers": ["2", "--num_infer_workers", "2"],
 }
 COMMANDS = {"sft": (SftArguments, []), "rlhf": (RlhfArguments, ["--reward_funcs", "accuracy"])}
 

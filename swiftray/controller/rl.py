@@ -73,6 +73,7 @@ class RLStep:
         self.work = Work(self.supervisor)
         self.weights = WeightSync(plan, roles, self.supervisor, SYNC_BUCKET_BYTES)
         self.ledger = Ledger(run_dir)
+        self.restarts: list[dict[str, Any]] = []  # policy restarts since the last step's ledger line
 
     def generate(self, rows: list[dict[str, Any]], params: Any, seed: int, ids: list[int] | None = None,
                  step: int | None = None, resample: int = 0) -> Request:
@@ -106,12 +107,13 @@ class RLStep:
     def commit(self, step: int) -> dict[str, float]:
         """Write step's ledger line (its prompts, the weight versions that generated them, the faults met);
         the fault counts, as metrics."""
-        faults = self.supervisor.take_events()
+        faults, self.restarts = self.restarts + self.supervisor.take_events(), []
         line = self.ledger.close(step, step - 1, faults)
         self.work.forget()
         timeouts = sum(len(c.get("reward_timeouts", [])) for c in line["chunks"])
         return {"faults/actors_replaced": float(sum(f["kind"] == "actor_replaced" for f in faults)),
                 "faults/engines_added": float(sum(f["kind"] == "engine_added" for f in faults)),
+                "faults/policy_restarts": float(sum(f["kind"] == "policy_restarted" for f in faults)),
                 "faults/reward_timeouts": float(timeouts), "rollout/engines": float(len(self.roles["rollout"].actors))}
 
     def catch_up(self, engines: list[Any]) -> None:
@@ -121,11 +123,12 @@ class RLStep:
         exports = self.roles["policy"].call_all("export_weights", SYNC_BUCKET_BYTES, shared_memory=False)
         ray.get([engine.update_weights.remote(self.version, exports[0]) for engine in engines] + exports[1:])
 
-    def rewind(self, step: int) -> None:
-        """The policy went back to the state after `step`: requests made since are void; engines re-sync."""
+    def rewind(self, step: int, restarts: list[dict[str, Any]]) -> None:
+        """The policy went back to the state after `step` (`restarts`: how, for the ledger): requests made
+        since are void; the engines re-sync."""
         self.work.abandon()
         self.ledger.rewind(step)
-        self.supervisor.take_events()
+        self.restarts += restarts
         self.sync_weights(step)
 
     def step_batch(self, refs: list[ray.ObjectRef], version: int, num_logged: int) -> tuple[list[list], Any]:
@@ -298,7 +301,7 @@ def run_rlhf(args: Any) -> Path | None:
                 sampler.load_state_dict(state["data"])
                 best = BestCheckpoint(state.get("best_metric"), Path(state["best_model_checkpoint"])
                                       if state.get("best_model_checkpoint") else None)
-                rl.rewind(step)
+                rl.rewind(step, keeper.take_events())
                 rl.offload_policy()
                 continue
             metrics = {**train, **summary.pop("metrics"), **timings, **rl.commit(step),

@@ -52,7 +52,8 @@ def classify(err: BaseException) -> str:
 @dataclass
 class Chunk:
     """One chunk's way through the stages. `refs[s]` / `receipts[s]`: stage s's result and receipt refs;
-    `epoch` grows at every re-issue, so that receipts of an abandoned issue are ignored."""
+    `epochs[s]` grows whenever stage s is issued again, so that receipts of an abandoned issue are ignored
+    (those of earlier stages, still outstanding, still count)."""
 
     index: int
     stages: list[str]  # role names: "rollout" (generate), then annotating roles
@@ -65,7 +66,7 @@ class Chunk:
     receipts: list[Any] = field(default_factory=list)
     actors: list[Any] = field(default_factory=list)
     done: list[dict[str, Any] | None] = field(default_factory=list)
-    epoch: int = 0
+    epochs: list[int] = field(default_factory=list)
     issues: int = 0
 
     @property
@@ -89,7 +90,7 @@ class Work:
     def __init__(self, supervisor: Any):
         self.supervisor = supervisor
         self.queue: deque[tuple[Chunk, int]] = deque()
-        self.outstanding: dict[Any, tuple[Chunk, int, int]] = {}  # receipt ref -> (chunk, stage, epoch)
+        self.outstanding: dict[Any, tuple[Chunk, int, int]] = {}  # receipt ref -> (chunk, stage, its epoch)
         self.load: dict[Any, int] = {}  # engine actor id -> generate calls outstanding
         self.chunk_of: dict[Any, Chunk] = {}  # a chunk's final ref -> the chunk (annotate continues it)
 
@@ -111,6 +112,7 @@ class Work:
             first = len(chunk.stages)
             chunk.stages = chunk.stages + list(stages)
             chunk.done += [None] * len(stages)
+            chunk.epochs += [0] * len(stages)
             for s in range(first, len(chunk.stages)):
                 self._call(chunk, s)
             chunks.append(chunk)
@@ -118,12 +120,14 @@ class Work:
 
     def _issue(self, chunk: Chunk, stage: int) -> None:
         """(Re-)issue `chunk` from `stage` on; the generate stage waits in the queue for an engine."""
-        chunk.epoch += 1
+        chunk.epochs = (chunk.epochs + [0] * len(chunk.stages))[:len(chunk.stages)]
+        for s in range(stage, len(chunk.stages)):
+            chunk.epochs[s] += 1
         chunk.issues += stage == 0
         chunk.done = chunk.done[:stage] + [None] * (len(chunk.stages) - stage)
         chunk.refs, chunk.receipts, chunk.actors = chunk.refs[:stage], chunk.receipts[:stage], chunk.actors[:stage]
         if stage == 0 and chunk.stages and chunk.stages[0] == "rollout":
-            self.queue.append((chunk, chunk.epoch))
+            self.queue.append((chunk, chunk.epochs[0]))
             return
         for s in range(stage, len(chunk.stages)):
             self._call(chunk, s)
@@ -142,7 +146,7 @@ class Work:
         chunk.refs.append(result)
         chunk.receipts.append(receipt)
         chunk.actors.append(actor)
-        self.outstanding[receipt] = (chunk, s, chunk.epoch)
+        self.outstanding[receipt] = (chunk, s, chunk.epochs[s])
 
     def _least_loaded_engine(self) -> Any:
         engines = self.supervisor.actors("rollout")
@@ -155,7 +159,7 @@ class Work:
             if min(self.load.get(a._actor_id, 0) for a in engines) >= DEPTH:
                 return
             chunk, epoch = self.queue.popleft()
-            if epoch == chunk.epoch:
+            if epoch == chunk.epochs[0]:
                 for s in range(len(chunk.stages)):
                     self._call(chunk, s)
 
@@ -163,7 +167,7 @@ class Work:
         """Hand out every queued chunk now (before a weight sync: they run on the current weights)."""
         while self.queue:
             chunk, epoch = self.queue.popleft()
-            if epoch == chunk.epoch:
+            if epoch == chunk.epochs[0]:
                 for s in range(len(chunk.stages)):
                     self._call(chunk, s)
 
@@ -187,7 +191,7 @@ class Work:
         if chunk.stages[s] == "rollout" and s < len(chunk.actors):
             actor_id = chunk.actors[s]._actor_id
             self.load[actor_id] = max(0, self.load.get(actor_id, 0) - 1)
-        if epoch != chunk.epoch:
+        if epoch != chunk.epochs[s]:
             return  # an abandoned issue
         try:
             chunk.done[s] = ray.get(receipt)
