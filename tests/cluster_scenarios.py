@@ -3,8 +3,8 @@ test session's Ray stays as it is: `python tests/cluster_scenarios.py OUT.json M
 
     collective  policy rank 0 on one node, an engine on another: log-probs after a broadcast sync
     baseline    GRPO, 3 steps, no fault
-    actors      the same, SIGKILL a rollout engine (step 1), the reward actor (2), the reference actor (3)
-    policy      the same, SIGKILL the policy rank as step 2 trains (memory snapshot of step 1)
+    actors      the same, SIGKILL a rollout engine (step 1), the reward actor and, as step 2 trains, the
+                policy rank (back to its memory snapshot of step 1), the reference actor (step 3)
     hang        a reward function that hangs on one prompt, --reward_timeout 2
     elastic     the same as baseline, a node joins before step 2, the engines' node is removed at step 3
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 PLUGIN = '''
 import time
+import zlib
 
 from swiftray.rewards import register_reward
 
@@ -33,10 +34,10 @@ def varied(completions, **kwargs):
 
 @register_reward("hangs_on_prompt")
 def hangs_on_prompt(completions, messages, **kwargs):
-    """Hangs (for an hour) on the completions of prompts that mention the number 3."""
+    """Hangs (for an hour) on the completions of about one prompt in four (by a hash of its text)."""
     out = []
     for c, m in zip(completions, messages):
-        if " 3 " in f" {m[-1]['content']} ".replace(",", " ").replace(".", " ").replace("?", " "):
+        if zlib.crc32(m[-1]["content"].encode()) % 4 == 0:
             time.sleep(3600)
         out.append(float(len(c) % 3))
     return out
@@ -106,7 +107,7 @@ def collective_logprobs(model: str) -> dict:
 
 def main() -> None:
     out_path, model = Path(sys.argv[1]), sys.argv[2]
-    names = sys.argv[3:] or ["collective", "baseline", "actors", "policy", "hang", "elastic"]
+    names = sys.argv[3:] or ["collective", "baseline", "actors", "hang", "elastic"]
     from swiftray.chaos import Fault, SimCluster, run_rl
 
     work = out_path.parent / "runs"
@@ -117,12 +118,11 @@ def main() -> None:
     results = {}
     scenarios = {
         "baseline": lambda: run_rl(work / "baseline", flags(model, plugin)),
-        "actors": lambda: run_rl(work / "actors", flags(model, plugin), [
-            Fault(1, "kill_rollout"), Fault(2, "kill_reward"), Fault(3, "kill_reference")], cluster),
-        "policy": lambda: run_rl(work / "policy", flags(model, plugin, "--memory_checkpoint_steps", "1"),
-                                 [Fault(2, "kill_policy")], cluster),
+        "actors": lambda: run_rl(work / "actors", flags(model, plugin, "--memory_checkpoint_steps", "1"), [
+            Fault(1, "kill_rollout"), Fault(2, "kill_reward"), Fault(2, "kill_policy"), Fault(3, "kill_reference")],
+            cluster),
         "hang": lambda: run_rl(work / "hang", flags(model, plugin, "--reward_funcs", "hangs_on_prompt",
-                                                    "--reward_timeout", "2", steps=2), [], cluster),
+                                                    "--reward_timeout", "1.5", steps=2), [], cluster),
         "elastic": lambda: run_rl(work / "elastic", flags(model, plugin), [Fault(2, "add_node"),
                                                                           Fault(3, "remove_node")], cluster),
     }

@@ -175,20 +175,25 @@ class ActorGroup:
         It goes in the rank's bundle; when that bundle has no node within `timeout_s` (its node is gone
         and the placement group cannot place it elsewhere), anywhere with room for it. Raises
         RuntimeError naming the role when neither works."""
-        strategies = [scheduling_strategy] if scheduling_strategy is not None else [None, "DEFAULT"]
-        for strategy in strategies:
-            if strategy is None and (rank >= len(self.bundles) or not _placed(self.placement_group)):
-                continue
-            actor = self._start_actor(rank, strategy)
-            try:
-                ray.get(actor.init_distributed.remote(rank, self.num_workers, "", 0, None,
-                                                      max(1, int(self.num_cpus_per_worker))), timeout=timeout_s)
-                return actor
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-                ray.kill(actor)
-        raise RuntimeError(f"role {self.name!r}: no room for a new actor ({self.num_cpus_per_worker:g} CPU, "
-                           f"{self.num_gpus_per_worker:g} GPU) within {timeout_s:g}s; the cluster has "
-                           f"{ray.available_resources()} free")
+        import time
+
+        deadline = time.time() + timeout_s
+        own = [None] if rank < len(self.bundles) else []  # its bundle (Ray may be moving it to another node)
+        strategies = [scheduling_strategy] if scheduling_strategy is not None else own + ["DEFAULT"]
+        while True:
+            for strategy in strategies:
+                wait = max(1.0, min(deadline - time.time(), timeout_s / 4 if len(strategies) > 1 else timeout_s))
+                actor = self._start_actor(rank, strategy)
+                try:
+                    ray.get(actor.init_distributed.remote(rank, self.num_workers, "", 0, None,
+                                                          max(1, int(self.num_cpus_per_worker))), timeout=wait)
+                    return actor
+                except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                    ray.kill(actor)
+            if time.time() >= deadline:
+                raise RuntimeError(f"role {self.name!r}: no room for a new actor ({self.num_cpus_per_worker:g} CPU, "
+                                   f"{self.num_gpus_per_worker:g} GPU) within {timeout_s:g}s; free: "
+                                   f"{ {k: v for k, v in ray.available_resources().items() if k in ('CPU', 'GPU')} }")
 
     def restart(self) -> None:
         """Every rank anew in its bundle, joined in a new process group (the policy after losing a rank).
@@ -239,13 +244,6 @@ class ActorGroup:
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
-
-
-def _placed(pg: Any) -> bool:
-    """Whether every bundle of `pg` has a node (not so while Ray reschedules those of a lost node)."""
-    from ray.util.placement_group import placement_group_table
-
-    return placement_group_table(pg).get("state") == "CREATED"
 
 
 def placement_group_for(name: str, bundles: list[dict[str, float]], timeout_s: float = 60) -> Any:

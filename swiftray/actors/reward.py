@@ -37,6 +37,7 @@ class RewardActor(DistributedWorker):
             from swiftray.actors.reward_timeout import RewardProcess, TimedReward
 
             self.process = RewardProcess(cfg, cfg.timeout_s)
+            self.process.start()
             proxies = [TimedReward(self.process, i, name, self.timeouts) for i, name in enumerate(self.rewards.names)]
             self.rewards = RewardSet(list(self.rewards.names), proxies, list(self.rewards.weights),
                                      nonfinite=self.rewards.nonfinite)

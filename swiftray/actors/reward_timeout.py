@@ -22,6 +22,8 @@ from ray import cloudpickle
 
 logger = logging.getLogger("swiftray")
 
+START_TIMEOUT_S = 300.0
+
 
 def _serve(conn: Any, config_bytes: bytes) -> None:
     """The child: build the reward functions, then answer (index, completions, kwargs) calls."""
@@ -29,6 +31,7 @@ def _serve(conn: Any, config_bytes: bytes) -> None:
     from swiftray.rewards.registry import _call, _run_coroutines
 
     rewards = build_rewards(cloudpickle.loads(config_bytes))
+    conn.send_bytes(b"ready")  # the time limit covers calls, not this start
     while True:
         try:
             index, completions, kwargs = cloudpickle.loads(conn.recv_bytes())
@@ -59,16 +62,20 @@ class RewardProcess:
         self.proc = None
         self.conn = None
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """A new child, once it has built the functions (imports are not a reward's time)."""
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, self.config_bytes), daemon=True)
         self.proc.start()
         child.close()
+        if not self.conn.poll(START_TIMEOUT_S) or self.conn.recv_bytes() != b"ready":
+            self.stop()
+            raise RuntimeError(f"reward functions: their process did not start within {START_TIMEOUT_S:g}s")
 
     def call(self, index: int, completions: list[str], kwargs: dict[str, Any]) -> Any:
         if self.proc is None or not self.proc.is_alive():
-            self._start()
+            self.start()
         self.conn.send_bytes(cloudpickle.dumps((index, completions, kwargs)))
         if not self.conn.poll(self.timeout_s):
             self.stop()
