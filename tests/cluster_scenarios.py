@@ -69,7 +69,8 @@ def collective_logprobs(model: str) -> dict:
 
     policy = ActorGroup(PolicyActor, 1, num_cpus_per_worker=0.5, name="collective-policy")
     policy_node = ray.get(policy.actors[0].node_id.remote())
-    other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != policy_node)
+    other = next(n["NodeID"] for n in ray.nodes()
+                 if n["Alive"] and n["NodeID"] != policy_node and n["Resources"].get("CPU"))
     engine = ray.remote(RolloutActor).options(
         num_cpus=0.25, scheduling_strategy=NodeAffinitySchedulingStrategy(other, soft=False)).remote()
     ray.get(engine.init_distributed.remote(1, 1, "", 0, None, 1))

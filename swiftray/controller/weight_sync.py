@@ -56,12 +56,12 @@ class WeightSync:
                 exports = policy.call_all("export_weights", self.bucket_bytes,
                                           shared_memory=transport == "shared_memory")
                 waits += exports[1:]
-                pending += [(e, e.update_weights.remote(version, exports[0])) for e in paths[transport]]
+                pending += self._call(paths[transport], "update_weights", version, exports[0])
         collective = paths.get("collective", [])
         if collective:
             self._ensure_group(collective)
             waits += policy.call_all("broadcast_weights", version, self.bucket_bytes)
-            pending += [(e, e.receive_weights.remote()) for e in collective]
+            pending += self._call(collective, "receive_weights")
         broken, failed = False, []
         for engine, ref in pending:
             try:
@@ -82,6 +82,13 @@ class WeightSync:
             survivors = [e for e, _ in failed if e is not None and e in self.roles["rollout"].actors]
             self.supervisor.catch_up(survivors)  # this version through the object store
         return time.time() - start
+
+    def _call(self, engines: list[Any], method: str, *args: Any) -> list[tuple[Any, Any]]:
+        """(engine, ref) of `method` on each of `engines` (through the group when they are all of it)."""
+        group = self.roles["rollout"]
+        if [e._actor_id for e in engines] == [e._actor_id for e in group.actors]:
+            return list(zip(group.actors, group.call_all(method, *args)))
+        return [(e, getattr(e, method).remote(*args)) for e in engines]
 
     def _ensure_group(self, engines: list[Any]) -> None:
         """A broadcast group of policy rank 0 and exactly `engines`, new when its members changed."""

@@ -1,0 +1,76 @@
+"""Multi-node launch ms-swift's way (swiftray/launch.py): the same `swiftray rlhf` command on three "nodes"
+(three processes, each with a Ray node of its own), told apart by NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT.
+Rank 0 starts the head and drives; ranks 1 and 2, started first, wait for it, join, and exit with the
+run's status; the policy has NPROC_PER_NODE x NNODES ranks. No Ray process is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from _ray import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def node_ip() -> str:
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def cluster_processes(address: str) -> list[str]:
+    """Ray processes (GCS server, raylets) of the cluster at `address`."""
+    out = subprocess.run(["pgrep", "-af", address], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "gcs_server" in line or "raylet" in line]
+
+
+def test_same_command_on_three_nodes_runs_one_job(tiny_model_dir, tmp_path):
+    ip = node_ip()
+    port = free_port(ip)
+    command = [sys.executable, "-m", "swiftray", "rlhf", "--rlhf_type", "grpo", "--model", str(tiny_model_dir),
+               "--dataset", "swiftray/arithmetic#32", "--train_type", "full", "--max_steps", "1",
+               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--num_generations", "4",
+               "--max_completion_length", "6", "--report_to", "none", "--save_strategy", "no", "--beta", "0",
+               "--eval_strategy", "no", "--reward_funcs", "format", "--logging_steps", "1",
+               "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "NNODES": "3", "NPROC_PER_NODE": "1", "MASTER_ADDR": ip, "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "SWIFTRAY_NO_PROGRESS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    procs = {}
+    for rank in (1, 2, 0):  # the other nodes first: they wait for the head
+        procs[rank] = subprocess.Popen(command, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        time.sleep(1 if rank else 0)
+    outputs = {}
+    try:
+        for rank, proc in procs.items():
+            outputs[rank] = proc.communicate(timeout=900)[0]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for rank, proc in procs.items():
+        assert proc.returncode == 0, f"NODE_RANK {rank} exited {proc.returncode}:\n{outputs[rank][-3000:]}"
+    assert "NNODES=3: every node joined" in outputs[0]
+    assert "the run ended with status 0" in outputs[1] and "the run ended with status 0" in outputs[2]
+    [run_dir] = list((tmp_path / "out").glob("v*"))
+    lines = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "train/loss" in x] == [1]
+    ledger = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger[0]["prompts"]) == 3  # 4 per rank x 3 ranks / 4 generations
+    time.sleep(2)
+    assert cluster_processes(f"{ip}:{port}") == [], "a Ray process of the launch is still running"
