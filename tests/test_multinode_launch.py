@@ -74,3 +74,48 @@ def test_same_command_on_three_nodes_runs_one_job(tiny_model_dir, tmp_path):
     assert len(ledger[0]["prompts"]) == 3  # 4 per rank x 3 ranks / 4 generations
     time.sleep(2)
     assert cluster_processes(f"{ip}:{port}") == [], "a Ray process of the launch is still running"
+
+
+def test_ray_start_on_three_nodes_then_ray_job_submit(tiny_model_dir, tmp_path):
+    """The other way in: `ray start` on every node (here three Ray nodes of this machine), then
+    `ray job submit -- swiftray rlhf ...`. The head has no CPUs and each other node 2, while the roles ask
+    for 3 (policy 1.5, two engines 0.5 each, reward and reference 0.25 each): the job runs across nodes."""
+    from swiftray.launch import _listening, _ray_start, _stop
+
+    ip = node_ip()
+    port, dashboard = free_port(ip), free_port(ip)
+    env_keys = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    nodes = []
+    try:
+        os.environ.pop("RAY_ADDRESS", None)
+        nodes.append(_ray_start("--head", f"--port={port}", f"--node-ip-address={ip}", "--num-cpus=0",
+                                "--include-dashboard=true", f"--dashboard-host={ip}", f"--dashboard-port={dashboard}"))
+        deadline = time.time() + 120
+        while not _listening(f"{ip}:{port}") and time.time() < deadline:
+            time.sleep(1)
+        nodes += [_ray_start(f"--address={ip}:{port}", "--num-cpus=2") for _ in range(2)]
+        env = {**env_keys, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "SWIFTRAY_NO_PROGRESS": "1",
+               "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        wait = (f"import ray, time; ray.init(address='{ip}:{port}'); t = time.time()\n"
+                "while sum(n['Alive'] for n in ray.nodes()) < 3 and time.time() - t < 120: time.sleep(1)\n"
+                "print('nodes', sum(n['Alive'] for n in ray.nodes()))")
+        assert "nodes 3" in subprocess.run([sys.executable, "-c", wait], env=env, capture_output=True, text=True,
+                                           timeout=200).stdout
+        out = tmp_path / "out"
+        job = subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", f"http://{ip}:{dashboard}",
+             "--", sys.executable, "-m", "swiftray", "rlhf", "--rlhf_type", "grpo", "--model", str(tiny_model_dir),
+             "--dataset", "swiftray/arithmetic#32", "--train_type", "full", "--max_steps", "1",
+             "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--num_generations", "4",
+             "--max_completion_length", "6", "--report_to", "none", "--save_strategy", "no", "--beta", "0.04",
+             "--eval_strategy", "no", "--reward_funcs", "format", "--num_infer_workers", "2",
+             "--num_cpus_per_worker", "1.5", "--output_dir", str(out)],
+            env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-4000:]
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+    [run_dir] = list(out.glob("v*"))
+    [line] = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert len(line["prompts"]) == 2 and len(line["chunks"]) == 2
+    assert cluster_processes(f"{ip}:{port}") == []

@@ -10,7 +10,8 @@ A sync is a header, then buckets:
 
     header   int64 [length], then uint8 [length]: JSON {"version", "layout": [[name, dtype, shape], ...],
              "buckets": [[first tensor, end tensor, bytes], ...]}
-    buckets  one flat uint8 tensor each (about bucket_bytes), the tensors' bytes back to back
+    buckets  one flat uint8 tensor each (about bucket_bytes), the tensors' bytes one after another, each
+             starting at a multiple of 64 bytes
 
 so that a receiver allocates each bucket before it arrives, and every sync carries its version.
 """
@@ -25,6 +26,11 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT = timedelta(minutes=5)
+ALIGN = 64  # every tensor starts at a multiple of this in its bucket, so that any dtype can view it
+
+
+def _aligned(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
 
 
 class WeightBroadcast:
@@ -55,7 +61,7 @@ class WeightBroadcast:
         sizes = [t.numel() * t.element_size() for t in tensors]
         buckets, first, total = [], 0, 0
         for i, size in enumerate(sizes):
-            total += size
+            total += _aligned(size)
             if total >= bucket_bytes or i == len(sizes) - 1:
                 buckets.append([first, i + 1, total])
                 first, total = i + 1, 0
@@ -66,9 +72,13 @@ class WeightBroadcast:
         self._broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device))
         sent = 0
         for start, end, nbytes in buckets:
-            flat = torch.cat([tensors[i].to(self.device).reshape(-1).view(torch.uint8) for i in range(start, end)])
+            flat = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+            offset = 0
+            for i in range(start, end):
+                flat[offset:offset + sizes[i]] = tensors[i].to(self.device).reshape(-1).view(torch.uint8)
+                offset += _aligned(sizes[i])
             self._broadcast(flat)
-            sent += nbytes
+            sent += sum(sizes[start:end])
         return sent
 
     def receive(self) -> tuple[int, dict[str, torch.Tensor]]:
@@ -88,5 +98,5 @@ class WeightBroadcast:
                 dt = getattr(torch, dtype)
                 size = dt.itemsize * int(torch.Size(shape).numel())
                 out[name] = flat[offset:offset + size].view(dt).view(shape)
-                offset += size
+                offset += _aligned(size)
         return int(header["version"]), out

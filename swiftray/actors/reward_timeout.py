@@ -27,6 +27,7 @@ START_TIMEOUT_S = 300.0
 
 def _serve(conn: Any, config_bytes: bytes) -> None:
     """The child: build the reward functions, then answer (index, completions, kwargs) calls."""
+    _die_with_parent()
     from swiftray.actors.reward import build_rewards
     from swiftray.rewards.registry import _call, _run_coroutines
 
@@ -51,6 +52,19 @@ def _serve(conn: Any, config_bytes: bytes) -> None:
         except Exception as err:  # noqa: BLE001 - an unpicklable result or error: say what it was
             data = cloudpickle.dumps(("error", RuntimeError(f"{type(err).__name__}: {err}")))
         conn.send_bytes(data)
+
+
+def _die_with_parent() -> None:
+    """Linux: end this process when the reward actor's ends, even by SIGKILL (no orphan left hanging)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 class RewardProcess:
