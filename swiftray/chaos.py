@@ -89,7 +89,7 @@ class Injector:
     add_cpus: float = 2.0
     injected: list[dict[str, Any]] = field(default_factory=list)
     pids: dict[Any, int] = field(default_factory=dict)  # actor id -> process id
-    trains: int = 0
+    step: int = 0  # the training step whose rollouts were collected last (the step now under way)
     rl: Any = None
 
     def due(self, step: int | None, kinds: tuple[str, ...]) -> list[Fault]:
@@ -147,6 +147,7 @@ class Injector:
 
         injector = self
         real_init, real_generate, real_train = rl.RLStep.__init__, rl.RLStep.generate, rl.RLStep.train
+        real_collect = rl.RLStep.collect
         real_start, real_continue = work.Work.start, work.Work.continue_with
         real_replace = supervision.Supervisor._start
 
@@ -167,16 +168,20 @@ class Injector:
                     injector.act(fault)
             return request
 
+        def collect(self, request):
+            if request.step is not None and not request.resample:
+                injector.step = request.step
+            return real_collect(self, request)
+
         def continue_with(self, refs, stages):
             request = real_continue(self, refs, stages)
             if stages and injector.rl is not None:
-                for fault in injector.due(injector.trains + 1, ("kill_reference",)):
+                for fault in injector.due(injector.step, ("kill_reference",)):
                     injector.act(fault)
             return request
 
         def train(self, shards):
-            injector.trains += 1
-            for fault in injector.due(injector.trains, ("kill_policy",)):
+            for fault in injector.due(injector.step, ("kill_policy",)):
                 injector.act(fault)
             return real_train(self, shards)
 
@@ -188,6 +193,7 @@ class Injector:
         monkeypatch.setattr(rl.RLStep, "__init__", init)
         monkeypatch.setattr(rl.RLStep, "generate", generate)
         monkeypatch.setattr(rl.RLStep, "train", train)
+        monkeypatch.setattr(rl.RLStep, "collect", collect)
         monkeypatch.setattr(work.Work, "start", start)
         monkeypatch.setattr(work.Work, "continue_with", continue_with)
         monkeypatch.setattr(supervision.Supervisor, "_start", start_actor)

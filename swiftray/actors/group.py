@@ -172,28 +172,34 @@ class ActorGroup:
         """A new actor for rank `rank` that joins no process group (a replacement of a lost actor of a
         role whose ranks never talk to each other, or an extra engine), started and reachable.
 
-        It goes in the rank's bundle; when that bundle has no node within `timeout_s` (its node is gone
-        and the placement group cannot place it elsewhere), anywhere with room for it. Raises
-        RuntimeError naming the role when neither works."""
-        import time
-
-        deadline = time.time() + timeout_s
+        It is started both in the rank's bundle and anywhere with room (the bundle's node may be gone and
+        the placement group unable to place it again); the first one up is kept. Raises RuntimeError
+        naming the role when neither is up within `timeout_s`."""
         own = [None] if rank < len(self.bundles) else []  # its bundle (Ray may be moving it to another node)
         strategies = [scheduling_strategy] if scheduling_strategy is not None else own + ["DEFAULT"]
-        while True:
-            for strategy in strategies:
-                wait = max(1.0, min(deadline - time.time(), timeout_s / 4 if len(strategies) > 1 else timeout_s))
-                actor = self._start_actor(rank, strategy)
-                try:
-                    ray.get(actor.init_distributed.remote(rank, self.num_workers, "", 0, None,
-                                                          max(1, int(self.num_cpus_per_worker))), timeout=wait)
-                    return actor
-                except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-                    ray.kill(actor)
-            if time.time() >= deadline:
-                raise RuntimeError(f"role {self.name!r}: no room for a new actor ({self.num_cpus_per_worker:g} CPU, "
-                                   f"{self.num_gpus_per_worker:g} GPU) within {timeout_s:g}s; free: "
-                                   f"{ {k: v for k, v in ray.available_resources().items() if k in ('CPU', 'GPU')} }")
+        # Each way at once: the first actor up wins (a bundle whose node is gone may never be placed again).
+        actors = [self._start_actor(rank, strategy) for strategy in strategies]
+        ready = {actor.init_distributed.remote(rank, self.num_workers, "", 0, None,
+                                               max(1, int(self.num_cpus_per_worker))): actor for actor in actors}
+        winner = None
+        pending = list(ready)
+        while pending and winner is None:
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+            if not done:
+                break
+            try:
+                ray.get(done[0])
+                winner = ready[done[0]]
+            except ray.exceptions.RayActorError:
+                continue
+        for actor in actors:
+            if actor is not winner:
+                ray.kill(actor)
+        if winner is None:
+            raise RuntimeError(f"role {self.name!r}: no room for a new actor ({self.num_cpus_per_worker:g} CPU, "
+                               f"{self.num_gpus_per_worker:g} GPU) within {timeout_s:g}s; free: "
+                               f"{ {k: v for k, v in ray.available_resources().items() if k in ('CPU', 'GPU')} }")
+        return winner
 
     def restart(self) -> None:
         """Every rank anew in its bundle, joined in a new process group (the policy after losing a rank).

@@ -27,7 +27,7 @@ from swiftray.plan import RunPlan
 
 logger = logging.getLogger("swiftray")
 
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 180.0
 
 
 def alive_nodes() -> set[str]:
