@@ -33,15 +33,19 @@ class WeightSync:
         self.group_members: tuple | None = None  # (policy rank 0 actor id, engine actor ids) of the broadcast group
         self.epoch = 0
         self.last: dict[str, int] = {}  # transport -> engines it served at the last sync
+        self.policy_node: tuple[Any, str] | None = None  # (policy rank 0's actor id, its node)
 
     def transports(self) -> dict[str, list[Any]]:
         """The engines of each transport, by where they are now."""
         policy0 = self.roles["policy"].actors[0]
-        engines = list(self.roles["rollout"].actors)
-        nodes = ray.get([policy0.node_id.remote()] + [e.node_id.remote() for e in engines])
+        if self.policy_node is None or self.policy_node[0] != policy0._actor_id:
+            self.policy_node = (policy0._actor_id, ray.get(policy0.node_id.remote()))
         out: dict[str, list[Any]] = {}
-        for engine, node in zip(engines, nodes[1:]):
-            out.setdefault(self.plan.cluster_plan.transport(node == nodes[0], self.engine_kind), []).append(engine)
+        for engine in self.roles["rollout"].actors:
+            # Where the supervisor saw it start: asking it now would fail for an engine lost since.
+            node = self.supervisor.engine_nodes.get(engine._actor_id)
+            out.setdefault(self.plan.cluster_plan.transport(node == self.policy_node[1], self.engine_kind),
+                           []).append(engine)
         return out
 
     def sync(self, version: int) -> float:
@@ -57,9 +61,8 @@ class WeightSync:
                                           shared_memory=transport == "shared_memory")
                 waits += exports[1:]
                 pending += self._call(paths[transport], "update_weights", version, exports[0])
-        collective = paths.get("collective", [])
+        collective = self._ensure_group(paths["collective"]) if paths.get("collective") else []
         if collective:
-            self._ensure_group(collective)
             waits += policy.call_all("broadcast_weights", version, self.bucket_bytes)
             pending += self._call(collective, "receive_weights")
         broken, failed = False, []
@@ -79,7 +82,8 @@ class WeightSync:
             if not broken:
                 raise failed[0][1]
             self.group_members = None  # rebuilt at the next sync
-            survivors = [e for e, _ in failed if e is not None and e in self.roles["rollout"].actors]
+            current = {a._actor_id for a in self.roles["rollout"].actors}
+            survivors = [e for e, _ in failed if e is not None and e._actor_id in current]
             self.supervisor.catch_up(survivors)  # this version through the object store
         return time.time() - start
 
@@ -90,18 +94,40 @@ class WeightSync:
             return list(zip(group.actors, group.call_all(method, *args)))
         return [(e, getattr(e, method).remote(*args)) for e in engines]
 
-    def _ensure_group(self, engines: list[Any]) -> None:
-        """A broadcast group of policy rank 0 and exactly `engines`, new when its members changed."""
+    def _ensure_group(self, engines: list[Any]) -> list[Any]:
+        """A broadcast group of policy rank 0 and `engines`, new when its members changed; the engines in it.
+
+        Before a new group is made, its engines are asked whether they are there: one that is gone would
+        leave the others waiting for it. A lost one is replaced (caught up through the object store)."""
         policy0 = self.roles["policy"].actors[0]
         members = (policy0._actor_id, tuple(e._actor_id for e in engines))
         if members == self.group_members:
-            return
+            return engines
+        while True:
+            pings = {e.node_id.remote(): e for e in engines}
+            ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=30)
+            gone = []
+            for ref, engine in pings.items():
+                try:
+                    if ref not in ready:
+                        raise ray.exceptions.GetTimeoutError("no answer within 30s")
+                    ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        ray.exceptions.GetTimeoutError) as err:
+                    self.supervisor.lost("rollout", engine, err)
+                    gone.append(engine)
+            if not gone:
+                break
+            engines = self.transports().get("collective", [])
+            if not engines:
+                return []
         self.epoch += 1
         addr, port = ray.get(policy0.get_master_address.remote())
         size = len(engines) + 1
         ray.get([policy0.join_weight_group.remote(addr, port, size, self.backend, self.epoch)]
                 + [e.join_weight_group.remote(addr, port, rank, size, self.backend, self.epoch)
                    for rank, e in enumerate(engines, start=1)])
-        self.group_members = members
+        self.group_members = (policy0._actor_id, tuple(e._actor_id for e in engines))
         logger.info("weight broadcast group %d: policy rank 0 and %d engine(s) (%s)", self.epoch, len(engines),
                     self.backend)
+        return engines
