@@ -63,7 +63,7 @@ def test_same_command_on_three_nodes_runs_one_job(tiny_model_dir, tmp_path):
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-    for rank, proc in procs.items():
+    for rank, proc in sorted(procs.items()):  # the driver's error first
         assert proc.returncode == 0, f"NODE_RANK {rank} exited {proc.returncode}:\n{outputs[rank][-3000:]}"
     assert "NNODES=3: every node joined" in outputs[0]
     assert "the run ended with status 0" in outputs[1] and "the run ended with status 0" in outputs[2]

@@ -102,7 +102,8 @@ class RLStep:
 
     def annotate(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
         """Each chunk through every role of the "annotate" phase, actor to actor (the driver holds refs)."""
-        return self.work.finish(self.work.continue_with(refs, [r.name for r in self.plan.roles_in("annotate")]))
+        stages = [r.name for r in self.plan.roles_in("annotate")]
+        return self.work.finish(self.work.continue_with(refs, stages)) if stages else refs
 
     def commit(self, step: int) -> dict[str, float]:
         """Write step's ledger line (its prompts, the weight versions that generated them, the faults met);

@@ -104,10 +104,12 @@ class Work:
     def continue_with(self, refs: list[Any], stages: list[str]) -> Request:
         """`stages` applied to each of `refs`: a chunk's result continues that chunk (so that a lost input
         can be generated again); any other ref (a filtered batch) becomes a chunk of its own."""
+        if not stages:
+            raise ValueError("continue_with: no stages to apply")
         chunks = []
         for j, ref in enumerate(refs):
             chunk = self.chunk_of.get(ref)
-            if chunk is None or not stages:
+            if chunk is None:
                 chunk = Chunk(index=j, stages=[], source=ref)
             first = len(chunk.stages)
             chunk.stages = chunk.stages + list(stages)
