@@ -10,7 +10,8 @@ without leaving one makes the node exit with 1. The other way in, `ray start` on
 `ray job submit -- swiftray ...` (or --ray_address), needs none of this.
 
 Ray's nodes run as `ray start --block` child processes: ending that process (SIGTERM) stops exactly the
-node it started, never another Ray on the machine. A head started with token authentication (Ray's
+node it started, never another Ray on the machine. SWIFTRAY_RAY_START_ARGS adds flags to this node's
+`ray start` (its GPUs or resources; distinct ports when several nodes share one machine, as in tests). A head started with token authentication (Ray's
 default) needs the same token on every node (~/.ray/auth_token or RAY_AUTH_TOKEN), as `ray start` does.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -61,6 +63,9 @@ def launch_env() -> tuple[int, int, str]:
 
 
 def _ray_start(*flags: str) -> subprocess.Popen:
+    """`ray start --block` with `flags`, and SWIFTRAY_RAY_START_ARGS (more `ray start` flags for this node:
+    --num-gpus, --resources, or ports when several nodes share a machine)."""
+    flags = (*flags, *shlex.split(os.environ.get("SWIFTRAY_RAY_START_ARGS", "")))
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "token")
     env.pop("RAY_ADDRESS", None)

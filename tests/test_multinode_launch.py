@@ -31,6 +31,13 @@ def free_port(ip: str) -> int:
         return s.getsockname()[1]
 
 
+def node_ports(ip: str, head: bool) -> str:
+    """`ray start` flags giving one node of this machine ports of its own (Ray's fixed defaults collide)."""
+    names = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--runtime-env-agent-port"] + (["--ray-client-server-port", "--dashboard-port"] if head else [])
+    return " ".join(f"{name}={free_port(ip)}" for name in names)
+
+
 def cluster_processes(address: str) -> list[str]:
     """Ray processes (GCS server, raylets) of the cluster at `address`."""
     out = subprocess.run(["pgrep", "-af", address], capture_output=True, text=True).stdout
@@ -52,8 +59,9 @@ def test_same_command_on_three_nodes_runs_one_job(tiny_model_dir, tmp_path):
     env.pop("RAY_ADDRESS", None)
     procs = {}
     for rank in (1, 2, 0):  # the other nodes first: they wait for the head
-        procs[rank] = subprocess.Popen(command, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        procs[rank] = subprocess.Popen(command, env={**env, "NODE_RANK": str(rank),
+                                                     "SWIFTRAY_RAY_START_ARGS": node_ports(ip, head=rank == 0)},
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
         time.sleep(1 if rank else 0)
     outputs = {}
     try:
@@ -89,11 +97,13 @@ def test_ray_start_on_three_nodes_then_ray_job_submit(tiny_model_dir, tmp_path):
     try:
         os.environ.pop("RAY_ADDRESS", None)
         nodes.append(_ray_start("--head", f"--port={port}", f"--node-ip-address={ip}", "--num-cpus=0",
-                                "--include-dashboard=true", f"--dashboard-host={ip}", f"--dashboard-port={dashboard}"))
+                                "--include-dashboard=true", f"--dashboard-host={ip}", f"--dashboard-port={dashboard}",
+                                *node_ports(ip, head=False).split(), f"--ray-client-server-port={free_port(ip)}"))
         deadline = time.time() + 120
         while not _listening(f"{ip}:{port}") and time.time() < deadline:
             time.sleep(1)
-        nodes += [_ray_start(f"--address={ip}:{port}", "--num-cpus=2") for _ in range(2)]
+        nodes += [_ray_start(f"--address={ip}:{port}", "--num-cpus=2", *node_ports(ip, head=False).split())
+                  for _ in range(2)]
         env = {**env_keys, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "SWIFTRAY_NO_PROGRESS": "1",
                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         wait = (f"import ray, time; ray.init(address='{ip}:{port}'); t = time.time()\n"
