@@ -55,6 +55,7 @@ def test_same_command_on_three_nodes_runs_one_job(tiny_model_dir, tmp_path):
                "--output_dir", str(tmp_path / "out")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "NNODES": "3", "NPROC_PER_NODE": "1", "MASTER_ADDR": ip, "MASTER_PORT": str(port),
+           "SWIFTRAY_NODES_TIMEOUT_S": "300",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "SWIFTRAY_NO_PROGRESS": "1"}
     env.pop("RAY_ADDRESS", None)
     procs = {}
