@@ -15,6 +15,12 @@ The roles and what runs in each phase come from the plan, which takes them from 
 (algorithms/base.py). Modes (plan.step.mode): "colocated" runs the sleep/wake/offload calls;
 "separate" skips them; "async" requests the next step's rollouts before this one trains, so
 generation overlaps training and rollouts are one version old.
+
+Faults are handled where RLStep's calls meet them, by modules of their own: work.py re-issues the
+chunks of a lost rollout, reward or reference actor (supervision.py replaces it and sizes the elastic
+engine pool), weight_sync.py picks each engine's path, and a lost policy rank sends the loop back to
+the last snapshot or checkpoint (recovery.py; the `except` around a step). Every step's prompts and
+weight versions go to the run folder's ledger.jsonl (ledger.py).
 """
 
 from __future__ import annotations
