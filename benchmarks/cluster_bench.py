@@ -85,7 +85,7 @@ def sync_figures(model: str, engines: int, repeats: int = 5) -> dict:
     out = {"collective": [], "object_store": []}
     for i in range(repeats + 1):
         t = time.perf_counter()
-        ray.get([policy.actors[0].broadcast_weights.remote(i)] + [a.receive_weights.remote() for a in actors])
+        nbytes, *_ = ray.get([policy.actors[0].broadcast_weights.remote(i)] + [a.receive_weights.remote() for a in actors])
         collective = time.perf_counter() - t
         t = time.perf_counter()
         export = policy.actors[0].export_weights.remote(64 << 20)
@@ -94,8 +94,6 @@ def sync_figures(model: str, engines: int, repeats: int = 5) -> dict:
         if i:
             out["collective"].append(collective)
             out["object_store"].append(object_store)
-    nbytes = ray.get(policy.actors[0].broadcast_weights.remote(99))
-    ray.get([a.receive_weights.remote() for a in actors])
     for a in actors:
         ray.kill(a)
     policy.shutdown()
