@@ -139,7 +139,8 @@ def write(results: dict) -> None:
              "Every node shares the same 2 cores, so these show the mechanisms' costs, not a cluster's speed-up.", "",
              "Recovery (GRPO, tiny model, 2 engines, one fault per step; `recovery s`: from the loss seen to a set-up "
              "replacement at the current weights, or the policy restarted from its snapshot; `extra step s`: that "
-             "step's time minus the fault-free run's same step):", "",
+             "step's time minus the fault-free run's same step, from the step's own timings: for kill_policy that is "
+             "the redone step, the failed try and the restore being in `recovery s`):", "",
              "| fault | step | recovery events | recovery s | extra step s |", "|---|---|---|---|---|"]
     for row in r["recovery"]["rows"]:
         lines.append(f"| {row['kind']} | {row['step']} | {', '.join(row['events']) or '-'} | {row['recovery_s']:.1f} "
@@ -171,7 +172,11 @@ def write(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one model size, 1 and 2 engines")
+    parser.add_argument("--write_only", action="store_true", help="rewrite RESULTS.md from benchmarks/work/cluster.json")
     opts = parser.parse_args()
+    if opts.write_only:
+        write(json.loads((HERE / "work" / "cluster.json").read_text()))
+        return
     from swiftray.chaos import SimCluster
     from swiftray.models.tiny import make_tiny_model
 

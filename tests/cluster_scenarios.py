@@ -5,7 +5,7 @@ test session's Ray stays as it is: `python tests/cluster_scenarios.py OUT.json M
     baseline    GRPO, 3 steps, no fault
     actors      the same, SIGKILL a rollout engine (step 1), the reward actor and, as step 2 trains, the
                 policy rank (back to its memory snapshot of step 1), the reference actor (step 3)
-    hang        a reward function that hangs on one prompt, --reward_timeout 2
+    hang        a reward function that hangs on about one prompt in four, --reward_timeout 3
     elastic     the same as baseline, a node joins before step 2, the engines' node is removed at step 3
 
 Writes {name: result} (chaos.run_rl's results) to OUT.json; tests/test_cluster_faults.py asserts on it.
@@ -123,7 +123,7 @@ def main() -> None:
             Fault(1, "kill_rollout"), Fault(2, "kill_reward"), Fault(2, "kill_policy"), Fault(3, "kill_reference")],
             cluster),
         "hang": lambda: run_rl(work / "hang", flags(model, plugin, "--reward_funcs", "hangs_on_prompt",
-                                                    "--reward_timeout", "1.5", steps=2), [], cluster),
+                                                    "--reward_timeout", "3", steps=2), [], cluster),
         "elastic": lambda: run_rl(work / "elastic", flags(model, plugin), [Fault(2, "add_node"),
                                                                           Fault(3, "remove_node")], cluster),
     }
