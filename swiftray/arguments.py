@@ -275,6 +275,22 @@ class RlhfArguments(SftArguments, GenerationArguments):
                                                    min=0.0)
     reward_model: list[str] = arg([], "GRPO: reward model folder(s) (e.g. an --rlhf_type rm checkpoint), each "
                                       "scoring completions as a reward after --reward_funcs")
+    # Cluster runs that survive (controller/work.py, supervision.py, recovery.py)
+    max_restarts: int = arg(3, "actors each role may lose before the run stops; a lost rollout, reward or reference "
+                               "actor is replaced and its work issued again, a lost policy rank restarts the "
+                               "policy from its last checkpoint (0: the first loss stops the run)", min=0)
+    memory_checkpoint_steps: int = arg(0, "keep the policy's training state in memory every N steps, so that a lost "
+                                          "policy rank goes back to it rather than to the last checkpoint on disk "
+                                          "(0: disk only)", min=0)
+    reward_timeout: float | None = arg(None, "seconds a reward function may spend on one call; a sample it hangs "
+                                             "on gets no reward (logged and counted); unset: no limit", gt=0)
+    min_infer_workers: int = arg(1, "elastic rollout pool: engines lost with their nodes are not replaced while "
+                                    "at least this many remain", min=1)
+    max_infer_workers: int | None = arg(None, "elastic rollout pool: nodes that join get engines while the pool "
+                                              "has fewer; unset: --num_infer_workers (no growth)", min=1)
+    weight_sync: str = arg("auto", "how weights reach the engines: auto (shared memory on the policy's node, a "
+                                   "broadcast to engines on other nodes) | shared_memory | collective | object_store",
+                           choices=("auto", "shared_memory", "collective", "object_store"))
 
     def finalize(self) -> RlhfArguments:
         finalize_common(self)
@@ -291,6 +307,13 @@ class RlhfArguments(SftArguments, GenerationArguments):
             self.top_p = 1.0
         if self.repetition_penalty is None:
             self.repetition_penalty = 1.0
+        engines = self.num_infer_workers or 1
+        if self.min_infer_workers > engines:
+            raise ArgumentError(f"--min_infer_workers {self.min_infer_workers}: more than the {engines} engine(s) "
+                                "the run starts with (--num_infer_workers)")
+        if self.max_infer_workers is not None and self.max_infer_workers < engines:
+            raise ArgumentError(f"--max_infer_workers {self.max_infer_workers}: fewer than the {engines} engine(s) "
+                                "the run starts with (--num_infer_workers)")
         rewards = len(self.reward_funcs) + len(self.reward_model)
         if self.reward_weights is not None and len(self.reward_weights) != rewards:
             raise ArgumentError(

@@ -47,6 +47,17 @@ def make_tiny_model_main(argv: list[str]) -> None:
 def run_command(command: str, argv: list[str]) -> None:
     args = parse_args(COMMANDS[command], argv, prog=f"swiftray {command}")
     install_secret_filter(vars(args))  # token values never reach the console or a log file
+    if command in ("sft", "rlhf"):
+        from swiftray import launch
+
+        if launch.multi_node(args):  # NNODES/NODE_RANK/MASTER_ADDR: every node runs this same command
+            sys.exit(launch.run_node(lambda a: train(command, a), args))
+        train(command, args)
+    else:
+        serve(command, args)
+
+
+def train(command: str, args: object) -> None:
     if command == "sft":
         from swiftray.controller import run_sft
 
@@ -55,7 +66,10 @@ def run_command(command: str, argv: list[str]) -> None:
         from swiftray.controller import run_rlhf
 
         run_rlhf(args)
-    elif command == "infer":
+
+
+def serve(command: str, args: object) -> None:
+    if command == "infer":
         from swiftray.infer import run_infer
 
         run_infer(args)

@@ -107,6 +107,29 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
+class ClusterPlan:
+    """How an RL run spreads and survives (controller/work.py, supervision.py, recovery.py).
+
+    weight_sync: the transport rule, per engine: "auto" gives an engine on policy rank 0's node the
+    shared-memory buffer and one elsewhere the broadcast (collective); the others force one transport
+    for every engine ("shared_memory" falls back to the object store off rank 0's node)."""
+
+    weight_sync: str = "auto"
+    max_restarts: int = 3
+    memory_checkpoint_steps: int = 0
+    min_engines: int = 1
+    max_engines: int = 1
+
+    def transport(self, same_node_as_policy: bool, engine: str = "hf") -> str:
+        """The weight-sync path of one engine."""
+        if self.weight_sync == "auto":
+            return "shared_memory" if same_node_as_policy and engine == "hf" else "collective"
+        if self.weight_sync == "shared_memory" and not same_node_as_policy:
+            return "object_store"
+        return self.weight_sync
+
+
+@dataclass(frozen=True)
 class RolePlan:
     name: str
     actor: str  # "module:Class"
@@ -135,6 +158,7 @@ class RunPlan:
     roles: tuple[RolePlan, ...]
     groups: dict[str, tuple[dict[str, float], ...]]  # placement group name -> bundles
     notes: tuple[str, ...] = field(default=())  # printed once at the start (no-op flags, hardware)
+    cluster_plan: ClusterPlan = field(default=ClusterPlan())
 
     def role(self, name: str) -> RolePlan | None:
         return next((r for r in self.roles if r.name == name), None)
@@ -423,7 +447,15 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         output=OutputPlan(args.output_dir, args.add_version, tuple(args.report_to),
                           getattr(args, "log_completions", False)),
         step=_step_plan(args, colocated) if rl else StepPlan(mode="sft"),
-        roles=tuple(roles), groups=layout.groups, notes=tuple(notes))
+        roles=tuple(roles), groups=layout.groups, notes=tuple(notes),
+        cluster_plan=_cluster_plan(args) if rl else ClusterPlan())
+
+
+def _cluster_plan(args: Any) -> ClusterPlan:
+    engines = args.num_infer_workers or 1
+    return ClusterPlan(weight_sync=args.weight_sync, max_restarts=args.max_restarts,
+                       memory_checkpoint_steps=args.memory_checkpoint_steps, min_engines=args.min_infer_workers,
+                       max_engines=args.max_infer_workers or engines)
 
 
 # ---------------------------------------------------------------------------------------- printing
@@ -460,6 +492,13 @@ def describe(plan: RunPlan) -> str:
                      f"{s.logging_steps}, eval {_when(s.eval_strategy, s.eval_steps)}, save "
                      f"{_when(s.save_strategy, s.save_steps)}; best by {s.metric_for_best_model}"
                      + (f"; resume from {s.resume_from_checkpoint}" if s.resume_from_checkpoint else ""))
+    c = plan.cluster_plan
+    if plan.step.mode != "sft":
+        lines.append(f"  weight sync: {c.weight_sync} (engines on policy rank 0's node: "
+                     f"{c.transport(True, getattr(plan.role('rollout').config, 'engine', 'hf'))}; elsewhere: "
+                     f"{c.transport(False)}); rollout pool {c.min_engines}..{c.max_engines} engines; "
+                     f"--max_restarts {c.max_restarts}, memory checkpoint "
+                     + (f"every {c.memory_checkpoint_steps} steps" if c.memory_checkpoint_steps else "off"))
     lines.append(f"  output: {plan.output.output_dir}" + ("/vN-<time>" if plan.output.add_version else "")
                  + (f", reporting to {', '.join(plan.output.report_to)}" if plan.output.report_to else ""))
     lines += [f"  note: {note}" for note in plan.notes]

@@ -66,6 +66,10 @@ ALTERNATIVES: dict[str, list[str]] = {
     "loss_weights": ["0.5"], "label_smoothing": ["0.1"], "rpo_alpha": ["1"], "discopop_tau": ["0.1"],
     "reference_free": ["true"], "precompute_ref_log_probs": ["true"], "simpo_gamma": ["0.5"], "cpo_alpha": ["0"],
     "desirable_weight": ["2"], "undesirable_weight": ["2"], "center_rewards_coefficient": ["0.01"],
+    "max_restarts": ["0"], "memory_checkpoint_steps": ["2"], "reward_timeout": ["30"], "max_infer_workers": ["4"],
+    "weight_sync": ["collective"],
+    # The pool's minimum cannot exceed the engines it starts with (one by default): start with two.
+    "min_infer_workers": ["2", "--num_infer_workers", "2"],
 }
 # Flags of one algorithm: their plan is compared with that algorithm's default plan, not GRPO's.
 BASE_FOR: dict[str, list[str]] = {

@@ -52,6 +52,9 @@ class RewardConfig:
     external_plugins: tuple[str, ...] = ()  # files each reward actor imports itself
     # Rewards registered by code in the driver (a Python-API script): they travel pickled.
     registered: dict[str, Any] = field(default_factory=dict)
+    # Seconds one reward function may take on a call; None: no limit (the functions then run in the
+    # actor's own process, else in a child process that is ended when it hangs).
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

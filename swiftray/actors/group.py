@@ -68,6 +68,21 @@ class DistributedWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def call_with_receipt(self, method: str, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        """(method's result, receipt): called with num_returns=2, so that the driver learns that a call
+        finished, where, on which weight version and what it noted (`receipt_notes`), without fetching
+        the result itself; a receipt that fails on its own means this actor died (controller/work.py)."""
+        import time
+
+        start = time.time()
+        result = getattr(self, method)(*args, **kwargs)
+        return result, {"node": self.node_id(), "pid": os.getpid(), "version": getattr(self, "version", None),
+                        "seconds": time.time() - start, **self.receipt_notes()}
+
+    def receipt_notes(self) -> dict[str, Any]:
+        """What the last call wants the driver to know (a reward actor: the samples it cut off)."""
+        return {}
+
     def use_cores(self, share: float) -> int:
         """Set torch's threads to `share` of this node's cores (at least 1); returns the thread count.
 
@@ -149,15 +164,59 @@ class ActorGroup:
             self.shutdown()
             raise
 
-    def _start_actor(self, rank: int) -> Any:
+    def _start_actor(self, rank: int, scheduling_strategy: Any = None) -> Any:
+        """Rank `rank`'s actor in its bundle, or where `scheduling_strategy` says (a replacement whose
+        bundle has no node, an engine added to the elastic pool)."""
         remote_cls = self.actor_cls if hasattr(self.actor_cls, "remote") else ray.remote(self.actor_cls)
+        if scheduling_strategy is None:
+            scheduling_strategy = PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group, placement_group_bundle_index=self.bundles[rank])
         return remote_cls.options(
             num_cpus=self.num_cpus_per_worker,
             num_gpus=self.num_gpus_per_worker,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.placement_group, placement_group_bundle_index=self.bundles[rank]
-            ),
+            scheduling_strategy=scheduling_strategy,
         ).remote(*self.init_args)
+
+    def start_single(self, rank: int, timeout_s: float = 60, scheduling_strategy: Any = None) -> Any:
+        """A new actor for rank `rank` that joins no process group (a replacement of a lost actor of a
+        role whose ranks never talk to each other, or an extra engine), started and reachable.
+
+        It is started both in the rank's bundle and anywhere with room (the bundle's node may be gone and
+        the placement group unable to place it again); the first one up is kept. Raises RuntimeError
+        naming the role when neither is up within `timeout_s`."""
+        own = [None] if rank < len(self.bundles) else []  # its bundle (Ray may be moving it to another node)
+        strategies = [scheduling_strategy] if scheduling_strategy is not None else own + ["DEFAULT"]
+        # Each way at once: the first actor up wins (a bundle whose node is gone may never be placed again).
+        actors = [self._start_actor(rank, strategy) for strategy in strategies]
+        ready = {actor.init_distributed.remote(rank, self.num_workers, "", 0, None,
+                                               max(1, int(self.num_cpus_per_worker))): actor for actor in actors}
+        winner = None
+        pending = list(ready)
+        while pending and winner is None:
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+            if not done:
+                break
+            try:
+                ray.get(done[0])
+                winner = ready[done[0]]
+            except ray.exceptions.RayActorError:
+                continue
+        for actor in actors:
+            if actor is not winner:
+                ray.kill(actor)
+        if winner is None:
+            raise RuntimeError(f"role {self.name!r}: no room for a new actor ({self.num_cpus_per_worker:g} CPU, "
+                               f"{self.num_gpus_per_worker:g} GPU) within {timeout_s:g}s; free: "
+                               f"{ {k: v for k, v in ray.available_resources().items() if k in ('CPU', 'GPU')} }")
+        return winner
+
+    def restart(self) -> None:
+        """Every rank anew in its bundle, joined in a new process group (the policy after losing a rank).
+        The caller sets the new actors up."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = [self._start_actor(rank) for rank in range(self.num_workers)]
+        self._join(self.actors)
 
     def _join(self, actors: list) -> None:
         """Rendezvous: every rank joins the group's process group (or, without one, learns its rank)."""

@@ -397,6 +397,13 @@ class PolicyActor(DistributedWorker):
         except (OSError, ValueError) as err:
             error = err
         _all_ranks_succeed(error)
+        if meta["world_size"] != self.world_size and self.rank == 0:
+            logging.getLogger("swiftray").info("%s: saved by %d ranks, resumed by %d", path, meta["world_size"],
+                                               self.world_size)
+        return self._restore(meta, weights, optim, rng)
+
+    def _restore(self, meta: dict, weights: dict, optim: dict, rng: dict) -> int:
+        """Collective: put a read or snapshotted training state in place; returns its step."""
         groups = [train_state.from_json_group(g) for g in meta["param_groups"]]
         self.backend.restore_train_state(weights, optim, groups, meta["global_step"])  # collective
         del weights, optim
@@ -406,12 +413,29 @@ class PolicyActor(DistributedWorker):
         self.global_step = meta["global_step"]
         self.nonfinite_in_row = int(meta.get("nonfinite_in_row", 0))
         self.nonfinite_total = int(meta.get("nonfinite_total", 0))
-        if meta["world_size"] != self.world_size and self.rank == 0:
-            logging.getLogger("swiftray").info("%s: saved by %d ranks, resumed by %d", path, meta["world_size"],
-                                               self.world_size)
         train_state.set_rng(rng)
         dist.barrier()
         return self.global_step
+
+    def snapshot(self) -> dict[str, Any]:
+        """The training state in memory, as save_checkpoint writes it to train_state/: rank 0's holds the
+        weights, optimizer and scheduler state, every rank's its RNG state. The driver keeps the refs
+        (the objects live in Ray's store) and hands them to restore_snapshot when a rank is lost."""
+        weights, optim, groups = self.backend.gather_train_state()  # collective
+        rng = train_state.get_rng()
+        if self.rank != 0:
+            return {"rng": rng}
+        meta = {"global_step": self.global_step, "world_size": self.world_size, "backend": self.backend.name,
+                "param_groups": train_state.to_json(groups), "scheduler": train_state.to_json(self.scheduler.state_dict()),
+                "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total}
+        return {"meta": meta, "weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
+                "optim": {k: {n: t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
+                              for n, t in state.items()} for k, state in optim.items()}, "rng": rng}
+
+    def restore_snapshot(self, own: dict[str, Any], state: dict[str, Any]) -> int:
+        """Collective: go back to a snapshot (this rank's `own` for its RNG, rank 0's `state` for the
+        rest); as many ranks as took it."""
+        return self._restore(state["meta"], state["weights"], state["optim"], own["rng"])
 
     def export_weights(self, bucket_bytes: int = 64 << 20, merge_lora: bool = True,
                        shared_memory: bool = False) -> list[ray.ObjectRef] | list[dict]:
@@ -429,16 +453,9 @@ class PolicyActor(DistributedWorker):
         weights (merge_lora=True, what an engine without PEFT loads); merge_lora=False gives
         the adapter's own weights as PEFT saves them.
         """
-        state = self.backend.full_state_dict()
-        if self.rank != 0:
+        state = self._engine_state(merge_lora)
+        if state is None:
             return []
-        if self.backend.is_peft:
-            if merge_lora:
-                state = peft_to_base_state_dict(self.backend.module, state)
-            else:
-                from peft import get_peft_model_state_dict
-
-                state = get_peft_model_state_dict(self.backend.module, state_dict=state)
         if shared_memory and shared_weights.available() and getattr(self, "_shared_writer", None) is not False:
             if getattr(self, "_shared_writer", None) is None:
                 self._shared_writer = shared_weights.SharedWeightsWriter()
@@ -457,6 +474,38 @@ class PolicyActor(DistributedWorker):
             buckets[-1][name] = tensor.detach().cpu().contiguous()
             size += tensor.numel() * tensor.element_size()
         return [ray.put(bucket) for bucket in buckets if bucket]
+
+    def _engine_state(self, merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
+        """Collective: the weights engines load, on rank 0 (None elsewhere); see export_weights."""
+        state = self.backend.full_state_dict()
+        if self.rank != 0:
+            return None
+        if self.backend.is_peft:
+            if merge_lora:
+                state = peft_to_base_state_dict(self.backend.module, state)
+            else:
+                from peft import get_peft_model_state_dict
+
+                state = get_peft_model_state_dict(self.backend.module, state_dict=state)
+        return state
+
+    def join_weight_group(self, master_addr: str, master_port: int, size: int, backend: str, epoch: int) -> None:
+        """Rank 0: open the weight-broadcast group (rank 0 of it) on the address weight_group_address gave."""
+        from swiftray.actors.collective_sync import WeightBroadcast
+
+        listen, self._store_socket = getattr(self, "_store_socket", None), None
+        self._weight_group = None  # a previous group's sockets go first
+        self._weight_group = WeightBroadcast(master_addr, master_port, 0, size, backend, epoch, listen_socket=listen)
+
+    def broadcast_weights(self, version: int, bucket_bytes: int = 64 << 20) -> int:
+        """Collective over the policy's ranks: rank 0 broadcasts the engines' weights (versioned, in buckets)
+        to the engines of its weight-broadcast group; returns the bytes sent (0 on other ranks)."""
+        state = self._engine_state()
+        if state is None:
+            return 0
+        if getattr(self, "_weight_group", None) is None:
+            raise RuntimeError("PolicyActor.broadcast_weights: join_weight_group first")
+        return self._weight_group.send(state, version, bucket_bytes)
 
     def offload(self, model: bool = True, optimizer: bool = True, gc_collect: bool = False) -> None:
         """Colocated mode, while the engines generate: move the weights (--offload_model) and/or the

@@ -1,7 +1,8 @@
 """RolloutActor: generates completions with an engine (hf or vllm) and takes weight updates.
 
     generate(prompts, params)          -> RolloutBatch (stays in the object store)
-    update_weights(version, buckets)   policy weights arrive as ObjectRefs of tensor buckets
+    update_weights(version, buckets)   policy weights arrive as ObjectRefs of tensor buckets (or a shared buffer)
+    receive_weights()                  ... or by broadcast from policy rank 0 (collective_sync.py)
     sleep(level) / wake_up(tags)       free memory while the policy trains (colocated mode)
 """
 
@@ -86,6 +87,21 @@ class RolloutActor(DistributedWorker):
             loaded += len(bucket)
         self.version = version
         return loaded
+
+    def join_weight_group(self, master_addr: str, master_port: int, rank: int, size: int, backend: str,
+                          epoch: int) -> None:
+        """Join the weight-broadcast group that policy rank 0 leads (collective_sync.py)."""
+        from swiftray.actors.collective_sync import WeightBroadcast
+
+        self._weight_group = None
+        self._weight_group = WeightBroadcast(master_addr, master_port, rank, size, backend, epoch)
+
+    def receive_weights(self) -> int:
+        """Load one broadcast of the policy's weights (its version comes with it); returns the tensors loaded."""
+        version, state = self._weight_group.receive()
+        self.engine.load_weights(state)  # copied: the buckets are freed after this call
+        self.version = version
+        return len(state)
 
     def sequence_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         """The engine's log-probs of given completions (to check a weight sync against the policy)."""

@@ -155,6 +155,13 @@ def read_rng(ckpt: str | Path, rank: int, saved_world_size: int) -> dict[str, An
     return state
 
 
+def get_rng() -> dict[str, Any]:
+    """This process's RNG states in the form set_rng takes (an in-memory snapshot's)."""
+    cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": cuda}
+
+
 def set_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

@@ -61,7 +61,7 @@ def reward_role(args: Any) -> RoleSpec:
         reward_weights=tuple(args.reward_weights[:len(args.reward_funcs)]) if args.reward_weights is not None else None,
         reward_kwargs=reward_settings(args),
         external_plugins=tuple(absolute(p) for p in args.external_plugins),
-        registered=driver_rewards(args.reward_funcs))
+        registered=driver_rewards(args.reward_funcs), timeout_s=getattr(args, "reward_timeout", None))
     return RoleSpec("reward", "swiftray.actors.reward:RewardActor", config, phases=("score",),
                     scale="one", wants_gpu=False, cpu_share=0.25)
 

@@ -15,6 +15,12 @@ The roles and what runs in each phase come from the plan, which takes them from 
 (algorithms/base.py). Modes (plan.step.mode): "colocated" runs the sleep/wake/offload calls;
 "separate" skips them; "async" requests the next step's rollouts before this one trains, so
 generation overlaps training and rollouts are one version old.
+
+Faults are handled where RLStep's calls meet them, by modules of their own: work.py re-issues the
+chunks of a lost rollout, reward or reference actor (supervision.py replaces it and sizes the elastic
+engine pool), weight_sync.py picks each engine's path, and a lost policy rank sends the loop back to
+the last snapshot or checkpoint (recovery.py; the `except` around a step). Every step's prompts and
+weight versions go to the run folder's ledger.jsonl (ledger.py).
 """
 
 from __future__ import annotations
@@ -38,9 +44,14 @@ from swiftray.controller.common import (
     seed_everything,
     start_run,
 )
+from swiftray.controller.ledger import Ledger
+from swiftray.controller.recovery import PolicyKeeper
 from swiftray.controller.rl_data import PromptSampler, encode_prompts, readable_error, ship_plugins_by_value
 from swiftray.controller.rl_tasks import attach_old_logprobs, filter_groups, make_step_batch, score_eval
 from swiftray.controller.roles import RunningRoles
+from swiftray.controller.supervision import Supervisor
+from swiftray.controller.weight_sync import WeightSync
+from swiftray.controller.work import Chunk, Request, Work, ledger_entries
 from swiftray.data.pipeline import load_train_val, make_template
 from swiftray.models.loader import load_tokenizer
 from swiftray.plan import RunPlan, build_plan
@@ -57,33 +68,76 @@ RESAMPLE_SEED_STRIDE = 1_000_003  # a dynamic-sampling resample's seeds differ f
 class RLStep:
     """The calls one RL step makes on the running roles; run_rlhf decides their order."""
 
-    def __init__(self, plan: RunPlan, roles: RunningRoles, pad_token_id: int):
+    def __init__(self, plan: RunPlan, roles: RunningRoles, pad_token_id: int, run_dir: Path | None = None):
         self.plan, self.roles, self.pad_token_id = plan, roles, pad_token_id
         self.algorithm = plan.algorithm
-        nodes = ray.get([a.node_id.remote() for a in roles["policy"].actors[:1] + roles["rollout"].actors])
-        # Weights go through the policy's shared-memory buffer when every rollout shares its node.
-        self.shared_sync = len(set(nodes)) == 1
         # Trained beside the policy on the same shards: the policy and any role in the "train" phase.
         self.trained = {"policy": roles["policy"], **{r.name: roles[r.name] for r in plan.roles_in("train")}}
+        # Faults: lost actors replaced and their chunks issued again; every step's prompts in the ledger.
+        self.version: int | None = None  # the weight version the engines hold
+        self.supervisor = Supervisor(plan, roles, self.catch_up)
+        self.work = Work(self.supervisor)
+        self.weights = WeightSync(plan, roles, self.supervisor, SYNC_BUCKET_BYTES)
+        self.ledger = Ledger(run_dir)
+        self.restarts: list[dict[str, Any]] = []  # policy restarts since the last step's ledger line
         self.memory: dict[str, float] = {}
 
-    def generate(self, rows: list[dict[str, Any]], params: Any, seed: int) -> list[ray.ObjectRef]:
-        """Scored rollouts of `rows`: a chunk of --rollout_batch_size prompts per call, handed to the engines
-        in turn; chunk j samples with seed + j whichever engine runs it. Nothing waits here."""
+    def generate(self, rows: list[dict[str, Any]], params: Any, seed: int, ids: list[int] | None = None,
+                 step: int | None = None, resample: int = 0) -> Request:
+        """Scored rollouts of `rows` (prompt `ids`, for the ledger of `step`; None: evaluation), requested
+        now: a chunk of --rollout_batch_size prompts per call, handed to the engines from a queue; chunk j
+        samples with seed + j whichever engine runs it. `collect` waits for them."""
+        self.supervisor.refresh_pool()  # nodes that joined get engines (elastic pool)
         size = self.plan.batch.rollout_batch_size or len(rows)
-        engines = self.roles["rollout"].actors
-        refs = [engines[j % len(engines)].generate.remote(rows[start:start + size], params, seed + j)
-                for j, start in enumerate(range(0, len(rows), size))]
-        return self._annotate(refs, "score")
+        score = [r.name for r in self.plan.roles_in("score")]
+        chunks = [Chunk(index=j, stages=["rollout", *score], rows=rows[start:start + size], params=params,
+                        seed=seed + j, prompt_ids=list(ids[start:start + size]) if ids is not None else [])
+                  for j, start in enumerate(range(0, len(rows), size))]
+        return self.work.start(chunks, step, resample)
 
-    def _annotate(self, refs: list[ray.ObjectRef], phase: str) -> list[ray.ObjectRef]:
-        """Pass each chunk through every role of `phase`, actor to actor (the driver holds refs only)."""
-        for group in self.roles.in_phase(phase):
-            refs = [group.actors[j % len(group.actors)].annotate.remote(ref) for j, ref in enumerate(refs)]
+    def collect(self, request: Request) -> list[ray.ObjectRef]:
+        """Refs of a request's scored rollouts, once all are there (lost actors replaced on the way)."""
+        refs = self.work.finish(request)
+        if request.step is not None:
+            entries = ledger_entries(request)
+            for entry in entries:
+                for cut in entry["reward_timeouts"]:
+                    logger.warning("step %d: reward function %r hung on a completion of prompt %s (--reward_timeout); "
+                                   "it gets no reward from it", request.step, cut["function"], cut["prompt"])
+            self.ledger.add(request.step, entries)
         return refs
 
     def annotate(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
-        return self._annotate(refs, "annotate")
+        """Each chunk through every role of the "annotate" phase, actor to actor (the driver holds refs)."""
+        stages = [r.name for r in self.plan.roles_in("annotate")]
+        return self.work.finish(self.work.continue_with(refs, stages)) if stages else refs
+
+    def commit(self, step: int) -> dict[str, float]:
+        """Write step's ledger line (its prompts, the weight versions that generated them, the faults met);
+        the fault counts, as metrics."""
+        faults, self.restarts = self.restarts + self.supervisor.take_events(), []
+        line = self.ledger.close(step, step - 1, faults)
+        self.work.forget()
+        timeouts = sum(len(c.get("reward_timeouts", [])) for c in line["chunks"])
+        return {"faults/actors_replaced": float(sum(f["kind"] == "actor_replaced" for f in faults)),
+                "faults/engines_added": float(sum(f["kind"] == "engine_added" for f in faults)),
+                "faults/policy_restarts": float(sum(f["kind"] == "policy_restarted" for f in faults)),
+                "faults/reward_timeouts": float(timeouts), "rollout/engines": float(len(self.roles["rollout"].actors))}
+
+    def catch_up(self, engines: list[Any]) -> None:
+        """New engines (replacements, or on nodes that joined) get the policy's weights, which the others hold."""
+        if self.version is None:
+            return
+        exports = self.roles["policy"].call_all("export_weights", SYNC_BUCKET_BYTES, shared_memory=False)
+        ray.get([engine.update_weights.remote(self.version, exports[0]) for engine in engines] + exports[1:])
+
+    def rewind(self, step: int, restarts: list[dict[str, Any]]) -> None:
+        """The policy went back to the state after `step` (`restarts`: how, for the ledger): requests made
+        since are void; the engines re-sync."""
+        self.work.abandon()
+        self.ledger.rewind(step)
+        self.restarts += restarts
+        self.sync_weights(step)
 
     def step_batch(self, refs: list[ray.ObjectRef], version: int, num_logged: int) -> tuple[list[list], Any]:
         """(shards[k][rank] for each optimizer step k of this generation, summary ref): advantages and
@@ -122,14 +176,12 @@ class RLStep:
         return out
 
     def sync_weights(self, version: int) -> float:
-        """Policy -> engines (a shared-memory buffer on one node, else the object store); seconds taken.
-        Returns once every engine has loaded the weights: the next export may reuse the buffer an
-        engine read before (shared_weights.py)."""
-        start = time.time()
-        exports = self.roles["policy"].call_all("export_weights", SYNC_BUCKET_BYTES, shared_memory=self.shared_sync)
-        # Rank 0's export goes to the engines as a reference (Ray resolves it there): no driver round trip.
-        ray.get(self.roles["rollout"].call_all("update_weights", version, exports[0]) + exports[1:])
-        return time.time() - start
+        """Policy -> engines, each on its path (weight_sync.py: a shared-memory buffer on policy rank 0's
+        node, a broadcast to other nodes); seconds taken. Returns once every engine has loaded the
+        weights: the next export may reuse the buffer an engine read before (shared_weights.py)."""
+        self.work.flush()  # chunks requested before this sync run on the weights they were requested with
+        self.version = version  # what an engine replaced during the sync is caught up to
+        return self.weights.sync(version)
 
     # Colocated mode: the engines and the policy take turns with the devices they share. On GPUs,
     # `memory` records the GiB in use on rank 0's GPU after each call (metrics memory/after_*).
@@ -186,7 +238,7 @@ def run_rlhf(args: Any) -> Path | None:
     roles = RunningRoles(plan)
     tracker = None
     try:
-        rl = RLStep(plan, roles, tokenizer.pad_token_id)
+        rl = RLStep(plan, roles, tokenizer.pad_token_id, run_dir)
         step, best = 0, BestCheckpoint()
         if schedule.resume_from_checkpoint:
             state = load_checkpoint(rl.trained, schedule.resume_from_checkpoint)
@@ -200,55 +252,78 @@ def run_rlhf(args: Any) -> Path | None:
 
         def request(step: int, attempt: int = 0) -> dict[str, Any]:
             """Ask for one step's scored rollouts; `attempt` > 0 is a dynamic-sampling resample."""
-            rows = [train_prompts[i] for i in sampler.take(b.prompts_per_generation)]
+            before = sampler.state_dict()
+            ids = sampler.take(b.prompts_per_generation)
             seed = args.seed + step + RESAMPLE_SEED_STRIDE * attempt
-            return {"refs": rl.generate(rows, step_plan.sampling, seed), "t": time.time()}
+            return {"work": rl.generate([train_prompts[i] for i in ids], step_plan.sampling, seed, ids, step, attempt),
+                    "t": time.time(), "sampler_before": before}
 
         def evaluate(step: int) -> dict[str, float] | None:
             if not val_prompts:
                 return None
-            metrics = ray.get(score_eval.remote(rl.generate(val_prompts, step_plan.eval_sampling, args.seed)))
+            refs = rl.collect(rl.generate(val_prompts, step_plan.eval_sampling, args.seed))
+            metrics = ray.get(score_eval.remote(refs))
             tracker.log(step, metrics, prefix="eval/")
             return metrics
 
+        def loop_state(step: int, pending: dict[str, Any] | None) -> dict[str, Any]:
+            """What a checkpoint keeps of the loop; the sampler as before a pending (async) request."""
+            return {"global_step": step, "total_steps": schedule.total_steps,
+                    "data": pending["sampler_before"] if pending else sampler.state_dict(),
+                    "best_metric": best.metric, "best_model_checkpoint": str(best.checkpoint) if best.checkpoint else None}
+
         rl.sync_weights(step)  # engines start from exactly the policy's weights (a resumed run's too)
         rl.offload_policy()
+        keeper = PolicyKeeper(plan, roles, rl.trained)  # a lost policy rank: back to the last checkpoint
+        keeper.start(step, loop_state(step, None), schedule.resume_from_checkpoint)
         if step == 0 and schedule.eval_strategy != "no":
             evaluate(0)
         pending = None
         while step < schedule.total_steps:
             step += 1
-            timings: dict[str, float] = {}
-            current = pending or request(step)
-            pending = request(step + 1) if step_plan.mode == "async" and step < schedule.total_steps else None
-            refs = current["refs"]
-            ray.wait(refs, num_returns=len(refs))
-            timings["time/generate_and_score_s"] = time.time() - current["t"]
-            resampled = dropped = 0
-            if algorithm.resample_filtered:
-                refs, dropped, resampled = fill_dynamic(
-                    refs, algorithm, step_plan.max_resample_times, b.completions_per_generation,
-                    lambda attempt, step=step: request(step, attempt)["refs"])
-            rl.sleep_engines()
-            shards, summary_ref = rl.step_batch(rl.annotate(refs), step - 1,
-                                                b.completions_per_generation if plan.output.log_completions else 0)
-            t = time.time()
-            rl.onload_policy()
-            train = iteration_metrics(rl.train(shards))
-            timings["time/train_s"] = time.time() - t
-            summary = ray.get(summary_ref)
-            if schedule.save_now(step):
-                state = {"global_step": step, "total_steps": schedule.total_steps, "data": sampler.state_dict(),
-                         "best_metric": best.metric,
-                         "best_model_checkpoint": str(best.checkpoint) if best.checkpoint else None}
-                save_checkpoint(rl.trained, run_dir, step, plan=plan, tokenizer=tokenizer, args=args,
-                                trainer_state=state, best=best)
-            # Every step ends synced, so that evaluation and the next rollouts see the trained weights.
-            rl.wake_engines(["weights"])
-            timings["time/sync_weights_s"] = rl.sync_weights(step)
-            rl.offload_policy()
-            rl.wake_engines(["kv_cache"])
-            metrics = {**train, **summary.pop("metrics"), **timings, **rl.memory,
+            try:
+                timings: dict[str, float] = {}
+                current = pending or request(step)
+                pending = request(step + 1) if step_plan.mode == "async" and step < schedule.total_steps else None
+                refs = rl.collect(current["work"])
+                timings["time/generate_and_score_s"] = time.time() - current["t"]
+                resampled = dropped = 0
+                if algorithm.resample_filtered:
+                    refs, dropped, resampled = fill_dynamic(
+                        refs, algorithm, step_plan.max_resample_times, b.completions_per_generation,
+                        lambda attempt, step=step: rl.collect(request(step, attempt)["work"]))
+                rl.sleep_engines()
+                shards, summary_ref = rl.step_batch(rl.annotate(refs), step - 1,
+                                                    b.completions_per_generation if plan.output.log_completions else 0)
+                t = time.time()
+                rl.onload_policy()
+                train = iteration_metrics(rl.train(shards))
+                timings["time/train_s"] = time.time() - t
+                summary = ray.get(summary_ref)
+                if schedule.save_now(step):
+                    state = loop_state(step, pending)
+                    path = save_checkpoint(rl.trained, run_dir, step, plan=plan, tokenizer=tokenizer, args=args,
+                                           trainer_state=state, best=best)
+                    keeper.saved(step, path, state)
+                if keeper.snapshot_now(step):
+                    keeper.snapshot(step, loop_state(step, pending))
+                # Every step ends synced, so that evaluation and the next rollouts see the trained weights.
+                rl.wake_engines(["weights"])
+                timings["time/sync_weights_s"] = rl.sync_weights(step)
+                rl.offload_policy()
+                rl.wake_engines(["kv_cache"])
+            except Exception as err:
+                state = keeper.recover(err)  # None: every policy rank is there, so the error is the run's
+                if state is None:
+                    raise
+                step, pending = state["global_step"], None
+                sampler.load_state_dict(state["data"])
+                best = BestCheckpoint(state.get("best_metric"), Path(state["best_model_checkpoint"])
+                                      if state.get("best_model_checkpoint") else None)
+                rl.rewind(step, keeper.take_events())
+                rl.offload_policy()
+                continue
+            metrics = {**train, **summary.pop("metrics"), **timings, **rl.commit(step), **rl.memory,
                        "dynamic_sample/dropped": dropped, "dynamic_sample/resampled": resampled}
             if summary.get("completions"):
                 tracker.log_table("completions", [{"step": step, **row} for row in summary["completions"]])
