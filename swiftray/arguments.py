@@ -159,7 +159,8 @@ class TrainArguments:
 @dataclass
 class GenerationArguments:
     max_new_tokens: int | None = arg(None, "max tokens to generate; unset: 512", min=1)
-    temperature: float | None = arg(None, "sampling temperature; 0 is greedy", min=0.0)
+    temperature: float | None = arg(None, "sampling temperature; 0 is greedy; rlhf unset: 1.0 (grpo), 0.9 (ppo, gkd: "
+                                          "also GKD's divergence temperature)", min=0.0)
     top_k: int | None = arg(None, "sample from the k most likely tokens", min=-1)
     top_p: float | None = arg(None, "nucleus sampling probability mass", gt=0.0, max=1.0)
     repetition_penalty: float | None = arg(None, "penalty for repeated tokens (1.0: none)", gt=0.0)
@@ -182,15 +183,25 @@ class SftArguments(
 class RlhfArguments(SftArguments, GenerationArguments):
     """`swiftray rlhf --rlhf_type grpo|dapo`."""
 
-    rlhf_type: str = arg("grpo", "grpo | dapo, or an algorithm registered by --external_plugins")
+    rlhf_type: str = arg("grpo", "grpo | dapo | ppo | gkd, or an algorithm registered by --external_plugins")
     ref_model: str | None = arg(None, "reference model folder; unset: a frozen copy of --model")
     num_generations: int = arg(8, "completions sampled per prompt (the group size)", min=2)
     max_completion_length: int = arg(512, "max new tokens per completion", min=1)
-    beta: float = arg(0.04, "KL coefficient against the reference model; 0 skips the reference", min=0.0)
+    beta: float | None = arg(None, "grpo: KL coefficient against the reference model (unset: 0.04; 0 skips the "
+                                   "reference); gkd: the generalised JSD's interpolation (unset: 0.5; 0 forward "
+                                   "KL, 1 reverse KL)", min=0.0)
     epsilon: float = arg(0.2, "clip range of the importance ratio", gt=0.0, lt=1.0)
     epsilon_high: float | None = arg(None, "upper clip range (clip-higher); unset: --epsilon", gt=0.0)
     loss_type: str = arg("grpo", "grpo | bnpo | dr_grpo | dapo: how token losses are averaged", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
-    scale_rewards: str = arg("group", "advantage scaling: group | batch | none", choices=("group", "batch", "none"))
+    scale_rewards: str | None = arg(None, "advantage scaling: group | batch | none; unset: the estimator's (group "
+                                          "for grpo, none for rloo, batch for reinforce_plus_plus)",
+                                    choices=("group", "batch", "none"))
+    advantage_estimator: str = arg("grpo", "grpo (group-normalised) | rloo (leave-one-out baseline) | "
+                                           "reinforce_plus_plus (batch-normalised, REINFORCE++-baseline)",
+                                   choices=("grpo", "rloo", "reinforce_plus_plus"))
+    kl_in_reward: bool | None = arg(None, "subtract beta x the sequence KL from each reward before the estimator "
+                                          "(and drop the loss's KL term); unset: false for grpo, true for rloo "
+                                          "and reinforce_plus_plus")
     num_iterations: int = arg(1, "policy updates per generated batch", min=1)
     steps_per_generation: int | None = arg(None, "optimizer steps per generated batch; unset: gradient_accumulation_steps", min=1)
     generation_batch_size: int | None = arg(None, "completions generated per step; unset: global batch", min=1)
@@ -229,23 +240,52 @@ class RlhfArguments(SftArguments, GenerationArguments):
     async_generate: bool = arg(False, "generate the next batch while this one trains (one step off-policy)")
     log_completions: bool = arg(False, "write prompts, completions and rewards to completions.jsonl")
     rollout_batch_size: int | None = arg(None, "prompts per rollout worker call; unset: all at once", min=1)
+    # PPO (ms-swift's, which are TRL's PPOTrainer's)
+    reward_model: str | None = arg(None, "reward model folder (a *ForSequenceClassification checkpoint); its score "
+                                         "is the last reward source, after --reward_funcs")
+    value_model: str | None = arg(None, "ppo: the critic's starting weights; unset: --reward_model, else --model "
+                                        "with a fresh value head")
+    num_ppo_epochs: int = arg(4, "ppo: passes over each generation's batch", min=1)
+    num_mini_batches: int = arg(1, "optimizer steps per generation, each on 1/N of it (unset "
+                                   "--steps_per_generation: gradient_accumulation_steps x N)", min=1)
+    whiten_rewards: bool = arg(False, "ppo: whiten the token rewards (keeping their mean) before GAE")
+    kl_coef: float = arg(0.05, "ppo: per-token KL penalty coefficient in the reward", min=0.0)
+    cliprange: float = arg(0.2, "ppo: clip range of the policy ratio", gt=0.0, lt=1.0)
+    vf_coef: float = arg(0.1, "ppo: value loss coefficient (scales the critic's loss)", gt=0.0)
+    cliprange_value: float = arg(0.2, "ppo: clip range of the value prediction around its rollout value", gt=0.0)
+    gamma: float = arg(1.0, "ppo: discount factor", min=0.0, max=1.0)
+    lam: float = arg(0.95, "ppo: GAE lambda", min=0.0, max=1.0)
+    local_rollout_forward_batch_size: int = arg(64, "rows per forward when the policy and critic score rollouts", min=1)
+    num_sample_generations: int = arg(10, "ppo: debugging sample generations during training (TRL)", min=0)
+    response_length: int | None = arg(None, "ppo: older name of --max_completion_length (wins when set)", min=1)
+    missing_eos_penalty: float | None = arg(None, "ppo: subtracted from the score of a completion without a stop "
+                                                  "token", gt=0.0)
+    # GKD
+    teacher_model: str | None = arg(None, "gkd: the teacher model folder")
+    lmbda: float = arg(0.5, "gkd: share of steps that train on the student's own samples (the rest on the "
+                            "dataset's responses)", min=0.0, max=1.0)
+    seq_kd: bool = arg(False, "gkd: train on teacher-generated responses (deprecated by ms-swift; refused)")
+    sft_alpha: float = arg(0.0, "gkd: weight of an SFT loss added on the dataset-response steps", min=0.0)
+    gkd_logits_topk: int | None = arg(None, "gkd: the teacher sends its k most likely tokens per position and the "
+                                            "divergence is taken over them; unset: the whole vocabulary", min=1)
 
     def finalize(self) -> RlhfArguments:
         finalize_common(self)
         if self.metric_for_best_model == "loss":  # RL evaluates rewards, not a loss (ms-swift's GRPO default)
             self.metric_for_best_model = "reward"
-        if self.temperature is None:
-            self.temperature = 1.0
+        if self.response_length is not None:  # ms-swift's PPO name for it
+            self.max_completion_length = self.response_length
         if self.top_k is None:
             self.top_k = 50
         if self.top_p is None:
             self.top_p = 1.0
         if self.repetition_penalty is None:
             self.repetition_penalty = 1.0
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+        sources = len(self.reward_funcs) + (1 if self.reward_model else 0)
+        if self.reward_weights is not None and len(self.reward_weights) != sources:
             raise ArgumentError(
                 f"--reward_weights has {len(self.reward_weights)} values but --reward_funcs names "
-                f"{len(self.reward_funcs)} functions"
+                f"{len(self.reward_funcs)} functions" + (" and --reward_model one more" if self.reward_model else "")
             )
         return self
 

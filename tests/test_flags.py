@@ -61,7 +61,20 @@ ALTERNATIVES: dict[str, list[str]] = {
     "vllm_enable_prefix_caching": ["false"], "num_infer_workers": ["2"], "sleep_level": ["1"],
     "offload_model": ["true"], "offload_optimizer": ["true"], "gc_collect_after_offload": ["true"],
     "async_generate": ["true"], "log_completions": ["true"], "rollout_batch_size": ["1"],
+    "advantage_estimator": ["rloo"], "kl_in_reward": ["true"], "reward_model": ["/a/reward_model"],
+    "num_mini_batches": ["2"], "local_rollout_forward_batch_size": ["8"], "response_length": ["64"],
+    # PPO's and GKD's own flags, tried with that --rlhf_type (CONTEXT)
+    "value_model": ["/a/value_model"], "num_ppo_epochs": ["2"], "whiten_rewards": ["true"], "kl_coef": ["0.1"],
+    "cliprange": ["0.1"], "vf_coef": ["0.5"], "cliprange_value": ["0.5"], "gamma": ["0.9"], "lam": ["0.9"],
+    "missing_eos_penalty": ["1.0"], "teacher_model": ["/b/teacher"], "lmbda": ["1.0"], "sft_alpha": ["0.5"],
+    "gkd_logits_topk": ["16"],
 }
+# Flags an algorithm reads: the plan is compared with that algorithm's default plan.
+PPO_FLAGS = ("value_model", "num_ppo_epochs", "whiten_rewards", "kl_coef", "cliprange", "vf_coef", "cliprange_value",
+             "gamma", "lam", "missing_eos_penalty")
+GKD_FLAGS = ("teacher_model", "lmbda", "sft_alpha", "gkd_logits_topk")
+CONTEXT: dict[str, list[str]] = {**{name: ["--rlhf_type", "ppo"] for name in PPO_FLAGS},
+                                 **{name: ["--rlhf_type", "gkd", "--teacher_model", "/a/teacher"] for name in GKD_FLAGS}}
 COMMANDS = {"sft": (SftArguments, []), "rlhf": (RlhfArguments, ["--reward_funcs", "accuracy"])}
 
 
@@ -91,9 +104,11 @@ def test_every_field_changes_the_plan_or_is_listed(command, tiny_model_dir, monk
             continue
         # nccl is the GPU default, so the other valid value (gloo) is tried on a GPU cluster.
         on_gpu = name == "ddp_backend"
-        other = plan_of(command, f"--{name}", *ALTERNATIVES[name], cluster=ONE_GPU if on_gpu else CPU,
+        context = CONTEXT.get(name, []) if command == "rlhf" else []
+        reference = plan_of(command, *context, model=tiny_model_dir) if context else (gpu_base if on_gpu else base)
+        other = plan_of(command, *context, f"--{name}", *ALTERNATIVES[name], cluster=ONE_GPU if on_gpu else CPU,
                         model=tiny_model_dir)
-        if other == (gpu_base if on_gpu else base):
+        if other == reference:
             unchanged.append(name)
     assert not unaccounted, f"fields with no alternative value in this test: {unaccounted}"
     assert not unchanged, f"flags that do not change the plan and are not on the compatibility list: {unchanged}"

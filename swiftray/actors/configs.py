@@ -54,6 +54,29 @@ class RewardConfig:
     registered: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """A frozen reward model (*ForSequenceClassification) whose score is one more reward source."""
+
+    model_dir: str
+    weight: float = 1.0  # its --reward_weights entry (the last one)
+    name: str = "reward_model"  # its column in reward_per_func
+    torch_dtype: str | None = None  # None: the run's dtype (the plan fills it in)
+    attn_impl: str | None = None
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """GKD's frozen teacher: it writes its next-token log-probs at every completion token."""
+
+    model_dir: str
+    topk: int | None = None  # k most likely tokens per position (values and ids); None: the whole vocabulary
+    torch_dtype: str | None = None  # None: the run's dtype (the plan fills it in)
+    attn_impl: str | None = None
+    batch_size: int = 16
+
+
 def as_config(cls: type, config: Any) -> Any:
     """`config` as a `cls` instance: the plan hands dataclasses, tests and scripts may hand dicts."""
     if isinstance(config, cls):

@@ -1,4 +1,5 @@
-"""The roles RL algorithms share, built from the flags: the reward functions and the reference model.
+"""The roles RL algorithms share, built from the flags: the reward functions, a reward model and the
+reference model.
 
 An algorithm's `from_args` calls these to declare what it needs (see base.RoleSpec); the run plan
 places them and the controller starts them. Nothing here imports Ray.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from swiftray.actors.configs import ReferenceConfig, RewardConfig
+from swiftray.actors.configs import ReferenceConfig, RewardConfig, RewardModelConfig
 from swiftray.algorithms.base import RoleSpec
 from swiftray.paths import absolute
 
@@ -54,9 +55,10 @@ def reward_role(args: Any) -> RoleSpec:
     if unknown:
         raise ArgumentError(f"--reward_funcs {' '.join(unknown)}: unknown reward function(s); registered: "
                             f"{', '.join(sorted(REWARD_FUNCS))} (add your own with --external_plugins)")
+    weights = args.reward_weights[:len(args.reward_funcs)] if args.reward_weights is not None else None
     config = RewardConfig(
         reward_funcs=tuple(args.reward_funcs),
-        reward_weights=tuple(args.reward_weights) if args.reward_weights is not None else None,
+        reward_weights=tuple(weights) if weights is not None else None,
         reward_kwargs=reward_settings(args),
         external_plugins=tuple(absolute(p) for p in args.external_plugins),
         registered=driver_rewards(args.reward_funcs))
@@ -71,3 +73,20 @@ def reference_role(args: Any) -> RoleSpec:
                              adapters=tuple(absolute(a) for a in args.adapters), attn_impl=args.attn_impl)
     return RoleSpec("reference", "swiftray.actors.reference:ReferenceActor", config, phases=("annotate",),
                     scale="per_gpu", wants_gpu=True, cpu_share=0.25)
+
+
+def reward_model_role(args: Any) -> RoleSpec:
+    """--reward_model: a frozen sequence-classification model on the policy's GPUs, scoring each
+    prompt + completion after the reward functions (its weight is the last --reward_weights entry)."""
+    weight = args.reward_weights[-1] if args.reward_weights is not None else 1.0
+    config = RewardModelConfig(model_dir=absolute(args.reward_model), weight=weight, attn_impl=args.attn_impl,
+                               batch_size=getattr(args, "local_rollout_forward_batch_size", 16))
+    return RoleSpec("reward_model", "swiftray.actors.reward_model:RewardModelActor", config, phases=("score",),
+                    scale="per_gpu", wants_gpu=True, cpu_share=0.25)
+
+
+def reward_roles(args: Any) -> tuple[RoleSpec, ...]:
+    """The reward sources of a run: the functions of --reward_funcs, then --reward_model when set."""
+    if not getattr(args, "reward_model", None):
+        return (reward_role(args),)
+    return ((reward_role(args),) if args.reward_funcs else ()) + (reward_model_role(args),)

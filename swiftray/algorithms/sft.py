@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from swiftray.algorithms.base import Algorithm, register_algorithm
 
 
 @register_algorithm("sft")
+@dataclass  # compared by value, as every algorithm in a RunPlan is
 class SFT(Algorithm):
     data_source = "dataset"
 

@@ -39,7 +39,14 @@ from swiftray.controller.common import (
     start_run,
 )
 from swiftray.controller.rl_data import PromptSampler, encode_prompts, readable_error, ship_plugins_by_value
-from swiftray.controller.rl_tasks import attach_old_logprobs, filter_groups, make_step_batch, score_eval
+from swiftray.controller.rl_tasks import (
+    attach_old_logprobs,
+    filter_groups,
+    join_rollouts,
+    make_step_batch,
+    score_eval,
+    split_rollouts,
+)
 from swiftray.controller.roles import RunningRoles
 from swiftray.data.pipeline import load_train_val, make_template
 from swiftray.models.loader import load_tokenizer
@@ -65,6 +72,7 @@ class RLStep:
         self.shared_sync = len(set(nodes)) == 1
         # Trained beside the policy on the same shards: the policy and any role in the "train" phase.
         self.trained = {"policy": roles["policy"], **{r.name: roles[r.name] for r in plan.roles_in("train")}}
+        self.policy_onloaded = False
 
     def generate(self, rows: list[dict[str, Any]], params: Any, seed: int) -> list[ray.ObjectRef]:
         """Scored rollouts of `rows`: a chunk of --rollout_batch_size prompts per call, handed to the engines
@@ -76,13 +84,30 @@ class RLStep:
         return self._annotate(refs, "score")
 
     def _annotate(self, refs: list[ray.ObjectRef], phase: str) -> list[ray.ObjectRef]:
-        """Pass each chunk through every role of `phase`, actor to actor (the driver holds refs only)."""
-        for group in self.roles.in_phase(phase):
-            refs = [group.actors[j % len(group.actors)].annotate.remote(ref) for j, ref in enumerate(refs)]
+        """Pass each chunk through every role of `phase`, actor to actor (the driver holds refs only).
+        Trained roles are left out: they annotate collectively (annotate)."""
+        for role in self.plan.roles_in(phase):
+            if "train" not in role.phases:
+                group = self.roles[role.name]
+                refs = [group.actors[j % len(group.actors)].annotate.remote(ref) for j, ref in enumerate(refs)]
         return refs
 
     def annotate(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
-        return self._annotate(refs, "annotate")
+        """Reference log-probs, a critic's values, the policy's own log-probs, ... Groups that train
+        (and so may run collectives: DDP, FSDP) each get an equal slice of the step's rollouts per rank."""
+        refs = self._annotate(refs, "annotate")
+        collective = [self.roles[r.name] for r in self.plan.roles_in("annotate") if "train" in r.phases]
+        if self.algorithm.annotate_with_policy:
+            self.onload_policy()
+            collective.append(self.roles["policy"])
+        if not collective:
+            return refs
+        b = self.plan.batch
+        whole, *slices = split_rollouts.options(num_returns=b.world_size + 1).remote(
+            refs, b.completions_per_generation, b.world_size)
+        for group in collective:
+            slices = group.call_all_ranked("annotate", slices)
+        return [join_rollouts.remote(whole, *slices)]
 
     def step_batch(self, refs: list[ray.ObjectRef], version: int, num_logged: int) -> tuple[list[list], Any]:
         """(shards[k][rank] for each optimizer step k of this generation, summary ref): advantages and
@@ -98,7 +123,7 @@ class RLStep:
         iteration. When a batch is reused (several optimizer steps or iterations), each ratio is taken
         against the policy's log-probs from before the first update (`old_logprobs`)."""
         iterations = self.algorithm.num_iterations
-        if iterations > 1 or len(shards) > 1:
+        if (iterations > 1 or len(shards) > 1) and not self.algorithm.annotate_with_policy:
             policy = self.roles["policy"]
             shards = [[attach_old_logprobs.remote(shard, lp)
                        for shard, lp in zip(step_shards, policy.call_all_ranked("compute_logprobs", step_shards))]
@@ -107,9 +132,11 @@ class RLStep:
         for _ in range(iterations):
             per_step = []
             for step_shards in shards:
+                policy_inputs = {"with_entropy": True,
+                                 **({"with_logits": True} if self.algorithm.loss_needs_logits else {})}
                 calls = {name: group.call_all_ranked(
                     "train_step", step_shards, self.algorithm.loss if name == "policy" else self.algorithm.role_loss(name),
-                    **({"with_entropy": True} if name == "policy" else {}))
+                    **(policy_inputs if name == "policy" else {}))
                     for name, group in self.trained.items()}
                 results = {name: ray.get(refs) for name, refs in calls.items()}
                 metrics = _mean(results["policy"])
@@ -144,11 +171,14 @@ class RLStep:
         if s.mode == "colocated" and (s.offload_model or s.offload_optimizer):
             ray.get(self.roles["policy"].call_all("offload", model=s.offload_model, optimizer=s.offload_optimizer,
                                                   gc_collect=s.gc_collect_after_offload))
+        self.policy_onloaded = False
 
     def onload_policy(self) -> None:
+        """Once per step: before the policy annotates the rollouts (if it does), else before training."""
         s = self.plan.step
-        if s.mode == "colocated" and (s.offload_model or s.offload_optimizer):
+        if s.mode == "colocated" and (s.offload_model or s.offload_optimizer) and not self.policy_onloaded:
             ray.get(self.roles["policy"].call_all("onload"))
+        self.policy_onloaded = True
 
 
 def run_rlhf(args: Any) -> Path | None:
@@ -162,7 +192,7 @@ def run_rlhf(args: Any) -> Path | None:
     tokenizer = load_tokenizer(draft.model, template=draft.template.template)
     template = make_template(tokenizer, draft.template)
     train_ds, val_ds = load_train_val(draft.data, allow_no_response=True)
-    train_prompts = encode_prompts(train_ds, template)
+    train_prompts = encode_prompts(train_ds, template, with_responses=algorithm.uses_dataset_responses)
     val_prompts = encode_prompts(val_ds, template) if val_ds is not None else []
     sampler = PromptSampler(len(train_prompts), seed=draft.data.seed, shuffle=draft.data.shuffle)
     plan = plan_or_print(args, algorithm, len(train_prompts), "rlhf")
@@ -190,7 +220,8 @@ def run_rlhf(args: Any) -> Path | None:
             """Ask for one step's scored rollouts; `attempt` > 0 is a dynamic-sampling resample."""
             rows = [train_prompts[i] for i in sampler.take(b.prompts_per_generation)]
             seed = args.seed + step + RESAMPLE_SEED_STRIDE * attempt
-            return {"refs": rl.generate(rows, step_plan.sampling, seed), "t": time.time()}
+            return {"refs": rl.generate(rows, algorithm.step_sampling(step, step_plan.sampling), seed),
+                    "t": time.time()}
 
         def evaluate(step: int) -> dict[str, float] | None:
             if not val_prompts:

@@ -147,7 +147,7 @@ def load_model(
 
 
 def _wrap_peft(model, train_type, adapters, rank, alpha, dropout, target_modules, modules_to_save,
-               gradient_checkpointing, seed):
+               gradient_checkpointing, seed, task_type="CAUSAL_LM"):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if train_type == "qlora":
@@ -166,7 +166,7 @@ def _wrap_peft(model, train_type, adapters, rank, alpha, dropout, target_modules
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         modules_to_save=list(modules_to_save) or None,
         use_dora=train_type == "dora",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     torch.manual_seed(seed)
     return get_peft_model(model, config)
