@@ -108,7 +108,7 @@ def score_eval(refs: list[ray.ObjectRef]) -> dict[str, float]:
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     lengths = [len(c) for c in batch.completion_ids]
-    out = reward_metrics(batch.reward_per_func, batch.rewards)
+    out = reward_metrics(batch.reward_per_func, batch.rewards or None)  # no rewards: distillation
     out.update({
         "completions/mean_length": statistics.fmean(lengths),
         "completions/max_length": float(max(lengths)),

@@ -52,5 +52,9 @@ def load_value_model(model_dir: str, *, torch_dtype: str = "float32", attn_impl:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train_type == "full":
         return model
-    return _wrap_peft(model, train_type, [], lora_rank, lora_alpha, lora_dropout, target_modules, [],
+    targets = list(target_modules)
+    if targets == ["all-linear"]:  # PEFT's shortcut would wrap the head too, which the task keeps whole
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and not name.startswith("score")})
+    return _wrap_peft(model, train_type, [], lora_rank, lora_alpha, lora_dropout, targets, [],
                       gradient_checkpointing, seed, task_type="TOKEN_CLS")
