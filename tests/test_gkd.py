@@ -99,7 +99,7 @@ def test_student_loss_is_the_generalised_jsd_over_the_steps_tokens(topk, beta):
         loss, metrics = gkd.loss(token_logprobs, {**micro, "logits": logits}, num_tokens)
         loss.backward()
         assert logits.grad is not None and logits.grad.abs().sum() > 0
-        total += float(loss)
+        total += float(loss.detach())
         for t in range(len(batch.completion_ids[b])):
             s, te = student_logits[b][t].tolist(), teacher_logits[b][t].tolist()
             if topk:
