@@ -159,7 +159,8 @@ class TrainArguments:
 @dataclass
 class GenerationArguments:
     max_new_tokens: int | None = arg(None, "max tokens to generate; unset: 512", min=1)
-    temperature: float | None = arg(None, "sampling temperature; 0 is greedy", min=0.0)
+    temperature: float | None = arg(None, "sampling temperature; 0 is greedy; rlhf unset: 1.0 (grpo), 0.9 (ppo, gkd: "
+                                          "also GKD's divergence temperature)", min=0.0)
     top_k: int | None = arg(None, "sample from the k most likely tokens", min=-1)
     top_p: float | None = arg(None, "nucleus sampling probability mass", gt=0.0, max=1.0)
     repetition_penalty: float | None = arg(None, "penalty for repeated tokens (1.0: none)", gt=0.0)
@@ -193,6 +194,8 @@ def default_beta(rlhf_type: str) -> float:
     (and DAPO, and plug-in algorithms, which are GRPO's subclasses as a rule)."""
     if rlhf_type == "simpo":
         return 2.0
+    if rlhf_type == "gkd":
+        return 0.5
     return 0.1 if rlhf_type in PREFERENCE_TYPES else 0.04
 
 
@@ -200,15 +203,16 @@ def default_beta(rlhf_type: str) -> float:
 class RlhfArguments(SftArguments, GenerationArguments):
     """`swiftray rlhf --rlhf_type grpo|dapo|dpo|kto|orpo|simpo|cpo|rm`."""
 
-    rlhf_type: str = arg("grpo", "grpo | dapo | dpo | kto | orpo | simpo | cpo | rm, or an algorithm registered by "
-                                 "--external_plugins")
+    rlhf_type: str = arg("grpo", "grpo | dapo | ppo | gkd | dpo | kto | orpo | simpo | cpo | rm, or an algorithm "
+                                 "registered by --external_plugins")
     ref_model: str | None = arg(None, "reference model folder; unset: a frozen copy of --model")
     ref_adapters: list[str] = arg([], "LoRA folder(s) the reference model loads on --ref_model (or --model); "
                                       "unset: --adapters, so the reference is the starting policy")
     num_generations: int = arg(8, "completions sampled per prompt (the group size)", min=2)
     max_completion_length: int = arg(512, "max new tokens per completion", min=1)
     beta: float | None = arg(None, "KL coefficient against the reference model (GRPO: 0 skips it); DPO/KTO's "
-                                   "temperature, ORPO's lambda; unset: 0.04 grpo/dapo, 2.0 simpo, 0.1 the others",
+                                   "temperature, ORPO's lambda; GKD: the generalised JSD's interpolation (0 forward "
+                                   "KL, 1 reverse KL); unset: 0.04 grpo/dapo, 0.5 gkd, 2.0 simpo, 0.1 the others",
                              min=0.0)
     epsilon: float = arg(0.2, "clip range of the importance ratio", gt=0.0, lt=1.0)
     epsilon_high: float | None = arg(None, "upper clip range (clip-higher); unset: --epsilon", gt=0.0)
@@ -216,7 +220,15 @@ class RlhfArguments(SftArguments, GenerationArguments):
                                             "DPO: sigmoid hinge ipo robust bco_pair ... (one or several, weighted by "
                                             "--loss_weights); KTO: kto | apo_zero_unpaired; CPO: sigmoid hinge ipo simpo; "
                                             "unset: the algorithm's default", choices=LOSS_TYPES)
-    scale_rewards: str = arg("group", "advantage scaling: group | batch | none", choices=("group", "batch", "none"))
+    scale_rewards: str | None = arg(None, "advantage scaling: group | batch | none; unset: the estimator's (group "
+                                          "for grpo, none for rloo, batch for reinforce_plus_plus)",
+                                    choices=("group", "batch", "none"))
+    advantage_estimator: str = arg("grpo", "grpo (group-normalised) | rloo (leave-one-out baseline) | "
+                                           "reinforce_plus_plus (batch-normalised, REINFORCE++-baseline)",
+                                   choices=("grpo", "rloo", "reinforce_plus_plus"))
+    kl_in_reward: bool | None = arg(None, "subtract beta x the sequence KL from each reward before the estimator "
+                                          "(and drop the loss's KL term); unset: false for grpo, true for rloo "
+                                          "and reinforce_plus_plus")
     num_iterations: int = arg(1, "policy updates per generated batch", min=1)
     steps_per_generation: int | None = arg(None, "optimizer steps per generated batch; unset: gradient_accumulation_steps", min=1)
     generation_batch_size: int | None = arg(None, "completions generated per step; unset: global batch", min=1)
@@ -291,6 +303,32 @@ class RlhfArguments(SftArguments, GenerationArguments):
     weight_sync: str = arg("auto", "how weights reach the engines: auto (shared memory on the policy's node, a "
                                    "broadcast to engines on other nodes) | shared_memory | collective | object_store",
                            choices=("auto", "shared_memory", "collective", "object_store"))
+    # PPO (ms-swift's, which are TRL's PPOTrainer's)
+    value_model: str | None = arg(None, "ppo: the critic's starting weights; unset: --reward_model, else --model "
+                                        "with a fresh value head")
+    num_ppo_epochs: int = arg(4, "ppo: passes over each generation's batch", min=1)
+    num_mini_batches: int = arg(1, "optimizer steps per generation, each on 1/N of it (unset "
+                                   "--steps_per_generation: gradient_accumulation_steps x N)", min=1)
+    whiten_rewards: bool = arg(False, "ppo: whiten the token rewards (keeping their mean) before GAE")
+    kl_coef: float = arg(0.05, "ppo: per-token KL penalty coefficient in the reward", min=0.0)
+    cliprange: float = arg(0.2, "ppo: clip range of the policy ratio", gt=0.0, lt=1.0)
+    vf_coef: float = arg(0.1, "ppo: value loss coefficient (scales the critic's loss)", gt=0.0)
+    cliprange_value: float = arg(0.2, "ppo: clip range of the value prediction around its rollout value", gt=0.0)
+    gamma: float = arg(1.0, "ppo: discount factor", min=0.0, max=1.0)
+    lam: float = arg(0.95, "ppo: GAE lambda", min=0.0, max=1.0)
+    local_rollout_forward_batch_size: int = arg(64, "rows per forward when the policy and critic score rollouts", min=1)
+    num_sample_generations: int = arg(10, "ppo: debugging sample generations during training (TRL)", min=0)
+    response_length: int | None = arg(None, "ppo: older name of --max_completion_length (wins when set)", min=1)
+    missing_eos_penalty: float | None = arg(None, "ppo: subtracted from the score of a completion without a stop "
+                                                  "token", gt=0.0)
+    # GKD
+    teacher_model: str | None = arg(None, "gkd: the teacher model folder")
+    lmbda: float = arg(0.5, "gkd: share of steps that train on the student's own samples (the rest on the "
+                            "dataset's responses)", min=0.0, max=1.0)
+    seq_kd: bool = arg(False, "gkd: train on teacher-generated responses (deprecated by ms-swift; refused)")
+    sft_alpha: float = arg(0.0, "gkd: weight of an SFT loss added on the dataset-response steps", min=0.0)
+    gkd_logits_topk: int | None = arg(None, "gkd: the teacher sends its k most likely tokens per position and the "
+                                            "divergence is taken over them; unset: the whole vocabulary", min=1)
 
     def finalize(self) -> RlhfArguments:
         finalize_common(self)
@@ -299,8 +337,8 @@ class RlhfArguments(SftArguments, GenerationArguments):
             self.metric_for_best_model = "reward"
         if self.beta is None:
             self.beta = default_beta(self.rlhf_type)
-        if self.temperature is None:
-            self.temperature = 1.0
+        if self.response_length is not None:  # ms-swift's PPO name for it
+            self.max_completion_length = self.response_length
         if self.top_k is None:
             self.top_k = 50
         if self.top_p is None:

@@ -30,6 +30,7 @@ RLHF_COMPAT: dict[str, str] = {
     "stream": "streams tokens in `swiftray infer`; RL generates in batches",
     "infer_backend": "RL picks its engine with --use_vllm",
     "per_device_eval_batch_size": "RL evaluation generates for every --val_dataset prompt in one round",
+    "num_sample_generations": "swiftray logs sample completions with --log_completions and evaluates on --val_dataset",
 }
 
 # Accepted by `swiftray rlhf` on top of TRAINING_COMPAT, no effect for dataset-fed algorithms (DPO, KTO, ORPO,
@@ -50,6 +51,8 @@ REFUSED_FLAGS: dict[str, str] = {
     "vllm_mode": "server mode is not built yet; colocate (the default) runs vLLM engines as Ray actors",
     "vllm_server_host": "only for --vllm_mode server",
     "vllm_server_port": "only for --vllm_mode server",
+    "seq_kd": "ms-swift deprecated sequence-level KD on teacher generations and refuses it too; GKD trains on the "
+              "student's samples (--lmbda) and the dataset's responses",
 }
 
 
@@ -80,6 +83,8 @@ def refuse_unsupported(args: Any) -> None:
         raise ArgumentError("--vllm_mode server: not supported yet; the default, colocate, runs vLLM engines as "
                             "Ray actors of the run (on GPUs of their own when there are enough, else sharing "
                             "the policy's)")
+    if getattr(args, "seq_kd", False):
+        raise ArgumentError(f"--seq_kd true: not supported; {REFUSED_FLAGS['seq_kd']}")
     for name in ("vllm_server_host",):
         if getattr(args, name, None) is not None:
             raise ArgumentError(f"--{name}: only for --vllm_mode server, which is not supported yet")

@@ -27,6 +27,9 @@ class RolloutBatch:
     reward_per_func: dict[str, list[float | None]] = field(default_factory=dict)
     ref_logprobs: list[list[float]] | None = None  # per completion token, from the reference model
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (generate_s, score_s, ...)
+    # What annotate-phase roles wrote, one entry per completion, by name: the policy's token log-probs
+    # ("logprobs"), a critic's values ("values"), a teacher's log-probs ("teacher_logprobs"), ...
+    annotations: dict[str, list[Any]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -55,6 +58,8 @@ def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
             out.ref_logprobs = (out.ref_logprobs or []) + p.ref_logprobs
         for k, v in p.timings.items():  # workers run side by side: the slowest one is the stage's time
             out.timings[k] = max(out.timings.get(k, 0.0), v)
+        for k, v in p.annotations.items():
+            out.annotations.setdefault(k, []).extend(v)
     return out
 
 
@@ -68,7 +73,44 @@ def select(batch: RolloutBatch, keep: list[int]) -> RolloutBatch:
         {k: pick(v) for k, v in batch.reward_per_func.items()},
         pick(batch.ref_logprobs) if batch.ref_logprobs is not None else None,
         dict(batch.timings),
+        {k: pick(v) for k, v in batch.annotations.items()},
     )
+
+
+def rank_slices(batch: RolloutBatch, world_size: int) -> list[RolloutBatch]:
+    """Equal, contiguous slices of the completions, one per rank (what a collective annotate takes)."""
+    if len(batch) % world_size:
+        raise ValueError(f"{len(batch)} completions do not split evenly over {world_size} ranks")
+    per_rank = len(batch) // world_size
+    return [select(batch, list(range(r * per_rank, (r + 1) * per_rank))) for r in range(world_size)]
+
+
+def rejoin_slices(whole: RolloutBatch, slices: list[RolloutBatch]) -> RolloutBatch:
+    """The annotated rank slices of `whole` as one batch again, with `whole`'s groups and version."""
+    out = concat_rollouts(slices)
+    out.group, out.version = list(whole.group), whole.version
+    return out
+
+
+def completion_frame(values: list[list[float]], width: int | None = None) -> torch.Tensor:
+    """Per-completion lists as a right-padded float32 tensor [B, width] (width: the longest list)."""
+    width = max((len(v) for v in values), default=0) if width is None else width
+    out = torch.zeros((len(values), width), dtype=torch.float32)
+    for i, v in enumerate(values):
+        v = v[:width]
+        out[i, :len(v)] = torch.as_tensor(v, dtype=torch.float32)
+    return out
+
+
+def completion_to_sequence(frame: torch.Tensor, prompt_lens: list[int], counts: list[int], width: int) -> torch.Tensor:
+    """Completion-frame values [B, T] in a prompt+completion layout [B, width]: frame[b, t] for t < counts[b]
+    goes to column prompt_lens[b] - 1 + t. With width W - 1 that is token_logprobs' layout (column c scores
+    token c + 1); with width W it is the per-position layout, where column plen + L - 1 (the last token's
+    position: the state after it) exists for every row."""
+    out = frame.new_zeros((frame.shape[0], width, *frame.shape[2:]))
+    for i, (plen, n) in enumerate(zip(prompt_lens, counts)):
+        out[i, plen - 1:plen - 1 + n] = frame[i, :n]
+    return out
 
 
 def sequences_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
@@ -114,9 +156,11 @@ def split_for_ranks(rows: dict[str, torch.Tensor], world_size: int,
     """Cut the step's rows into result[rank][k] micro-batches, each trimmed to its longest row.
 
     Every micro-batch carries the step's global counts, so that the loss of N
-    workers equals the loss of one worker on the whole batch.
+    workers equals the loss of one worker on the whole batch. A 2-D (or wider) tensor as wide as
+    `input_ids` is per position and keeps the micro-batch's width; any other is per token, laid
+    out like token_logprobs, and keeps one column less.
     """
-    n = rows["input_ids"].shape[0]
+    n, full_width = rows["input_ids"].shape
     per_rank = n // world_size
     if per_rank * world_size != n or per_rank % micro_batch_size:
         raise ValueError(f"{n} sequences do not split into {world_size} ranks x micro-batches of {micro_batch_size}")
@@ -131,7 +175,7 @@ def split_for_ranks(rows: dict[str, torch.Tensor], world_size: int,
             for key, value in rows.items():
                 if value.dim() == 1:
                     micro[key] = value[idx]
-                elif key in ("input_ids", "labels", "attention_mask"):
+                elif value.shape[1] == full_width:  # per position: input_ids, labels, a critic's values ...
                     micro[key] = value[idx, :width]
                 else:  # per-token values laid out like token_logprobs: one shorter
                     micro[key] = value[idx, :width - 1]

@@ -284,11 +284,14 @@ def _policy_config(args: Any, dtype: str, total_optimizer_steps: int, fsdp: dict
         adam_betas=(args.adam_beta1, args.adam_beta2), max_grad_norm=args.max_grad_norm,
         lr_scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps,
         total_steps=max(1, total_optimizer_steps), gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_nonfinite_steps=args.max_nonfinite_steps, seed=args.seed)
+        max_nonfinite_steps=args.max_nonfinite_steps, seed=args.seed,
+        forward_batch_size=getattr(args, "local_rollout_forward_batch_size", 64))
 
 
-def _rl_batch(args: Any, world: int) -> BatchPlan:
-    """TRL's and ms-swift's batch arithmetic: generation_batch_size = micro x ranks x steps_per_generation."""
+def _rl_batch(args: Any, world: int, num_generations: int) -> BatchPlan:
+    """TRL's and ms-swift's batch arithmetic: generation_batch_size = micro x ranks x steps_per_generation
+    (unset: gradient_accumulation_steps x --num_mini_batches, TRL PPO's minibatches of one generation);
+    `num_generations` completions per prompt (the algorithm's)."""
     per_micro_round = args.per_device_train_batch_size * world
     steps_per_generation = args.steps_per_generation
     if args.generation_batch_size is not None:
@@ -298,7 +301,7 @@ def _rl_batch(args: Any, world: int) -> BatchPlan:
             raise ArgumentError(f"--generation_batch_size {args.generation_batch_size}: must be a multiple of "
                                 f"per_device_train_batch_size x workers ({per_micro_round})")
         steps_per_generation = args.generation_batch_size // per_micro_round
-    steps_per_generation = steps_per_generation or args.gradient_accumulation_steps
+    steps_per_generation = steps_per_generation or args.gradient_accumulation_steps * args.num_mini_batches
     if steps_per_generation % args.gradient_accumulation_steps:
         raise ArgumentError(f"--steps_per_generation {steps_per_generation}: must be a multiple of "
                             f"--gradient_accumulation_steps {args.gradient_accumulation_steps} (each generation "
@@ -306,25 +309,26 @@ def _rl_batch(args: Any, world: int) -> BatchPlan:
     batch = BatchPlan(world_size=world, micro_batch_size=args.per_device_train_batch_size,
                       accumulation=args.gradient_accumulation_steps,
                       eval_batch_size=0,  # RL evaluation generates for every prompt in one round (compat.py)
-                      num_generations=args.num_generations,
+                      num_generations=num_generations,
                       optimizer_steps_per_generation=steps_per_generation // args.gradient_accumulation_steps)
-    if batch.completions_per_generation % args.num_generations:
+    if batch.completions_per_generation % num_generations:
         raise ArgumentError(
             f"completions per generation ({batch.completions_per_generation} = per_device_train_batch_size x "
-            f"workers x steps_per_generation) must be a multiple of --num_generations {args.num_generations}")
+            f"workers x steps_per_generation) must be a multiple of --num_generations {num_generations}")
     engines = args.num_infer_workers or 1
     rollout_batch = args.rollout_batch_size or -(-batch.prompts_per_generation // engines)
     return dataclasses.replace(batch, rollout_batch_size=rollout_batch)
 
 
-def _step_plan(args: Any, colocated: bool) -> StepPlan:
+def _step_plan(args: Any, colocated: bool, algorithm: Algorithm) -> StepPlan:
     if args.async_generate:
         mode = "async"
     else:
         mode = "colocated" if colocated else "separate"
-    sampling = SamplingParams(max_new_tokens=args.max_completion_length, temperature=args.temperature,
+    temperature = algorithm.default_temperature if args.temperature is None else args.temperature
+    sampling = SamplingParams(max_new_tokens=args.max_completion_length, temperature=temperature,
                               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                              n=args.num_generations)
+                              n=algorithm.num_generations)
     greedy = SamplingParams(max_new_tokens=args.max_completion_length, temperature=0.0, n=1)
     return StepPlan(mode=mode, sleep_level=args.sleep_level, offload_model=args.offload_model,
                     offload_optimizer=args.offload_optimizer, gc_collect_after_offload=args.gc_collect_after_offload,
@@ -359,7 +363,7 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
     fsdp = parse_fsdp(args.fsdp, on_gpu)
     rl = algorithm.data_source == "rollouts"
     if rl:
-        batch = _rl_batch(args, world)
+        batch = _rl_batch(args, world, algorithm.num_generations)
         if args.async_generate and algorithm.max_staleness < 1:
             raise ArgumentError(f"--async_generate: {algorithm.name} allows no stale rollouts")
     else:
@@ -420,7 +424,9 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         roles.append(RolePlan("rollout", "swiftray.actors.rollout:RolloutActor", rollout, place,
                               threads_share=share(1.0 / place.num_workers)))
     for spec in algorithm.role_specs:
-        roles.append(RolePlan(spec.name, spec.actor, _with_dtype(spec.config, dtype), layout.placements[spec.name],
+        # A trained role may take the policy's training settings (a critic): its config is then a function of them.
+        config = spec.config(roles[0].config) if callable(spec.config) else spec.config
+        roles.append(RolePlan(spec.name, spec.actor, _with_dtype(config, dtype), layout.placements[spec.name],
                               phases=spec.phases, threads_share=share(1.0) if spec.wants_gpu else None))
 
     notes = compat_notes(args, command, rollouts=rl)
@@ -446,7 +452,7 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         batch=batch, schedule=schedule,
         output=OutputPlan(args.output_dir, args.add_version, tuple(args.report_to),
                           getattr(args, "log_completions", False)),
-        step=_step_plan(args, colocated) if rl else StepPlan(mode="sft"),
+        step=_step_plan(args, colocated, algorithm) if rl else StepPlan(mode="sft"),
         roles=tuple(roles), groups=layout.groups, notes=tuple(notes),
         cluster_plan=_cluster_plan(args) if rl else ClusterPlan())
 

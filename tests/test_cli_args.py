@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from swiftray.algorithms import get_algorithm
+from swiftray.algorithms import GKD, GRPO, PPO, get_algorithm
 from swiftray.arguments import (
     ArgumentError,
     ExportArguments,
@@ -82,8 +82,24 @@ def test_ms_swift_defaults():
     grpo = parse_args(RlhfArguments, ["--model", "m", "--dataset", "d"])
     assert grpo.beta == 0.04 and grpo.epsilon == 0.2 and grpo.epsilon_high is None  # the algorithm resolves it
     assert grpo.metric_for_best_model == "reward"  # RL evaluates rewards (ms-swift's GRPO default)
-    assert grpo.num_generations == 8 and grpo.scale_rewards == "group"
+    assert grpo.num_generations == 8 and grpo.advantage_estimator == "grpo"
     assert grpo.loss_type is None and get_algorithm("grpo").from_args(grpo).loss_type == "grpo"  # the algorithm's
+    algo = GRPO.from_args(grpo)
+    assert algo.beta == 0.04 and algo.scale_rewards == "group" and algo.kl_in_reward is False
+    # ms-swift ties --scale_rewards and --kl_in_reward to the estimator
+    for estimator, scale in (("rloo", "none"), ("reinforce_plus_plus", "batch")):
+        algo = GRPO.from_args(parse_args(RlhfArguments, ["--model", "m", "--dataset", "d", "--advantage_estimator",
+                                                         estimator]))
+        assert algo.scale_rewards == scale and algo.kl_in_reward is True and algo.annotate_with_policy
+    # PPO's (TRL's) and GKD's defaults
+    ppo = PPO.from_args(parse_args(RlhfArguments, ["--model", "m", "--dataset", "d", "--rlhf_type", "ppo",
+                                                   "--reward_funcs", "accuracy"]))
+    assert (ppo.num_iterations, ppo.kl_coef, ppo.cliprange, ppo.vf_coef, ppo.cliprange_value, ppo.gamma, ppo.lam,
+            ppo.whiten_rewards, ppo.missing_eos_penalty) == (4, 0.05, 0.2, 0.1, 0.2, 1.0, 0.95, False, None)
+    assert ppo.num_generations == 1 and ppo.default_temperature == 0.9
+    gkd = GKD.from_args(parse_args(RlhfArguments, ["--model", "m", "--dataset", "d", "--rlhf_type", "gkd",
+                                                   "--teacher_model", "t"]))
+    assert (gkd.beta, gkd.temperature, gkd.lmbda, gkd.sft_alpha, gkd.num_generations) == (0.5, 0.9, 0.5, 0.0, 1)
 
 
 def test_tuner_type_is_the_newer_name_of_train_type():

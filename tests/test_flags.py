@@ -79,6 +79,21 @@ BASE_FOR: dict[str, list[str]] = {
     "desirable_weight": ["--rlhf_type", "kto"], "undesirable_weight": ["--rlhf_type", "kto"],
     "center_rewards_coefficient": ["--rlhf_type", "rm"],
 }
+ALTERNATIVES.update({
+    "advantage_estimator": ["rloo"], "kl_in_reward": ["true"],
+    "num_mini_batches": ["2"], "local_rollout_forward_batch_size": ["8"], "response_length": ["64"],
+    # PPO's and GKD's own flags, tried with that --rlhf_type (CONTEXT)
+    "value_model": ["/a/value_model"], "num_ppo_epochs": ["2"], "whiten_rewards": ["true"], "kl_coef": ["0.1"],
+    "cliprange": ["0.1"], "vf_coef": ["0.5"], "cliprange_value": ["0.5"], "gamma": ["0.9"], "lam": ["0.9"],
+    "missing_eos_penalty": ["1.0"], "teacher_model": ["/b/teacher"], "lmbda": ["1.0"], "sft_alpha": ["0.5"],
+    "gkd_logits_topk": ["16"],
+})
+# Flags an algorithm reads: the plan is compared with that algorithm's default plan.
+PPO_FLAGS = ("value_model", "num_ppo_epochs", "whiten_rewards", "kl_coef", "cliprange", "vf_coef", "cliprange_value",
+             "gamma", "lam", "missing_eos_penalty")
+GKD_FLAGS = ("teacher_model", "lmbda", "sft_alpha", "gkd_logits_topk")
+CONTEXT: dict[str, list[str]] = {**{name: ["--rlhf_type", "ppo"] for name in PPO_FLAGS},
+                                 **{name: ["--rlhf_type", "gkd", "--teacher_model", "/a/teacher"] for name in GKD_FLAGS}}
 COMMANDS = {"sft": (SftArguments, []), "rlhf": (RlhfArguments, ["--reward_funcs", "accuracy"])}
 
 
@@ -98,6 +113,7 @@ def test_every_field_changes_the_plan_or_is_listed(command, tiny_model_dir, monk
     monkeypatch.delenv("NPROC_PER_NODE", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpu_base = plan_of(command, cluster=ONE_GPU, model=tiny_model_dir)
+    base = plan_of(command, model=tiny_model_dir)
     # A reward model must be a model folder sharing the policy's tokenizer.
     alternatives = {**ALTERNATIVES, "reward_model": [str(tiny_model_dir)]}
     unchanged, unaccounted = [], []
@@ -109,11 +125,11 @@ def test_every_field_changes_the_plan_or_is_listed(command, tiny_model_dir, monk
             continue
         # nccl is the GPU default, so the other valid value (gloo) is tried on a GPU cluster.
         on_gpu = name == "ddp_backend"
-        algorithm = BASE_FOR.get(name, [])
-        base = plan_of(command, *algorithm, model=tiny_model_dir)
-        other = plan_of(command, *algorithm, f"--{name}", *alternatives[name], cluster=ONE_GPU if on_gpu else CPU,
+        context = (BASE_FOR.get(name) or CONTEXT.get(name, [])) if command == "rlhf" else []
+        reference = plan_of(command, *context, model=tiny_model_dir) if context else (gpu_base if on_gpu else base)
+        other = plan_of(command, *context, f"--{name}", *alternatives[name], cluster=ONE_GPU if on_gpu else CPU,
                         model=tiny_model_dir)
-        if other == (gpu_base if on_gpu else base):
+        if other == reference:
             unchanged.append(name)
     assert not unaccounted, f"fields with no alternative value in this test: {unaccounted}"
     assert not unchanged, f"flags that do not change the plan and are not on the compatibility list: {unchanged}"

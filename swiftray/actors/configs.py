@@ -71,6 +71,17 @@ class RewardModelConfig:
     nonfinite_reward: str = "error"  # error | missing (counted as no reward), as for the reward functions
 
 
+@dataclass(frozen=True)
+class TeacherConfig:
+    """GKD's frozen teacher: it writes its next-token log-probs at every completion token."""
+
+    model_dir: str
+    topk: int | None = None  # k most likely tokens per position (values and ids); None: the whole vocabulary
+    torch_dtype: str | None = None  # None: the run's dtype (the plan fills it in)
+    attn_impl: str | None = None
+    batch_size: int = 16
+
+
 def as_config(cls: type, config: Any) -> Any:
     """`config` as a `cls` instance: the plan hands dataclasses, tests and scripts may hand dicts."""
     if isinstance(config, cls):

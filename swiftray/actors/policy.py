@@ -11,7 +11,9 @@ labels[b, t+1] == -100 (with a score head, PolicyConfig.head "score", each row's
 (labels[:, 1:] != -100); extra per-token tensors (advantages, old log-probs) should
 be [B, T-1] and aligned with token_logprobs. `num_tokens_global` counts loss tokens
 over all ranks and micro-batches of the step, so a loss normalised by it gives the
-same gradient on N ranks as on one.
+same gradient on N ranks as on one. On request (`train_step(..., with_logits=True)`) the
+batch also holds `logits` [N, V]: the logits at the N loss positions, in the mask's
+row-major order, with gradient (a distillation loss needs the whole distribution).
 
 Every method here is collective: call it on all ranks (ActorGroup.call_all*).
 """
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from swiftray.actors import shared_weights, train_state
 from swiftray.actors.backends import BACKENDS, adamw_factory, make_backend
 from swiftray.actors.group import DistributedWorker
+from swiftray.experience import sequences_batch, tokens_to_completion_values
 from swiftray.models import prompt_sharing
 from swiftray.models.label_logits import logits_at
 from swiftray.models.loader import load_model, peft_to_base_state_dict
@@ -81,6 +84,8 @@ class PolicyConfig:
     # A step whose loss or gradient norm is not finite is skipped (nothing changes); the Nth such
     # step in a row stops the run with an error. 1: stop at the first; 0: never stop, skip them all.
     max_nonfinite_steps: int = 3
+    # Rows per forward when annotating rollouts (--local_rollout_forward_batch_size).
+    forward_batch_size: int = 64
 
     @classmethod
     def from_dict(cls, config: dict | PolicyConfig) -> PolicyConfig:
@@ -179,13 +184,7 @@ class PolicyActor(DistributedWorker):
         gc.collect()
         _seed_everything(cfg.seed)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        module = load_model(
-            cfg.model_dir, torch_dtype=cfg.torch_dtype, attn_impl=cfg.attn_impl,
-            gradient_checkpointing=cfg.gradient_checkpointing, train_type=cfg.train_type, adapters=cfg.adapters,
-            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save,
-            use_liger_kernel=cfg.use_liger_kernel, seed=cfg.seed, head=cfg.head,
-        )
+        module = self._load_module(cfg)
         self.num_params = sum(p.numel() for p in module.parameters())
         counts = {"num_params": self.num_params,
                   "num_trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
@@ -202,13 +201,24 @@ class PolicyActor(DistributedWorker):
         self.nonfinite_total = 0
         return counts
 
+    def _load_module(self, cfg: PolicyConfig) -> torch.nn.Module:
+        """The model this role trains (a subclass may load another kind: a critic's value model)."""
+        return load_model(
+            cfg.model_dir, torch_dtype=cfg.torch_dtype, attn_impl=cfg.attn_impl,
+            gradient_checkpointing=cfg.gradient_checkpointing, train_type=cfg.train_type, adapters=cfg.adapters,
+            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save,
+            use_liger_kernel=cfg.use_liger_kernel, seed=cfg.seed, head=cfg.head,
+        )
+
     # --- training and evaluation ----------------------------------------------------------
     def train_step(self, micro_batches: list | ray.ObjectRef, loss_fn: LossFn,
-                   with_entropy: bool = False) -> dict[str, float]:
+                   with_entropy: bool = False, with_logits: bool = False) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches (gradient accumulation).
 
         with_entropy: loss_fn's batch also gets `entropies` [B, T-1], each next-token
         distribution's entropy (no gradient), for algorithms that log or use it.
+        with_logits: loss_fn's batch also gets `logits` [N, V] at the loss positions (module docstring).
 
         Returns global metrics, the same on every rank: loss (loss_fn's losses summed over
         micro-batches and ranks: the global mean when loss_fn divides by num_tokens_global),
@@ -227,7 +237,7 @@ class PolicyActor(DistributedWorker):
         loss_sum, correct, extra = 0.0, 0, {}
         for i, batch in enumerate(batches):
             with self.backend.micro_step(is_last=i == len(batches) - 1):
-                batch, logprobs, mask, n_correct = self._forward(batch, with_entropy)
+                batch, logprobs, mask, n_correct = self._forward(batch, with_entropy, with_logits)
                 loss, metrics = loss_fn(logprobs, {**batch, "loss_mask": mask}, num_tokens)
                 # Backends average gradients over ranks; the loss is already a global mean.
                 scaled = loss * self.world_size
@@ -295,6 +305,21 @@ class PolicyActor(DistributedWorker):
         logprobs = [self._forward(b)[1].cpu() for b in batches]
         return logprobs if isinstance(batch, list) else logprobs[0]
 
+    @torch.no_grad()
+    def annotate(self, batch: Any) -> Any:
+        """Collective: this rank's slice of the rollouts (a RolloutBatch) with `annotations["logprobs"]`,
+        each completion token's log-prob under the current weights; forward_batch_size rows at a time."""
+        self.backend.train(False)
+        size = self.cfg.forward_batch_size
+        values = []
+        for start in range(0, len(batch), size):
+            prompts, completions = batch.prompt_ids[start:start + size], batch.completion_ids[start:start + size]
+            rows = sequences_batch(prompts, completions, pad_token_id=0)
+            logprobs = self._forward(rows)[1].cpu()
+            values += tokens_to_completion_values(logprobs, [len(p) for p in prompts], [len(c) for c in completions])
+        batch.annotations["logprobs"] = values
+        return batch
+
     def _fetch_batches(self, micro_batches: list | ray.ObjectRef) -> list[dict]:
         """ray.get what is a reference, and check the shape of what arrives."""
         if self.backend is None:
@@ -309,7 +334,7 @@ class PolicyActor(DistributedWorker):
                                  f"[B, T], got {keys}")
         return batches
 
-    def _forward(self, batch: dict, with_entropy: bool = False
+    def _forward(self, batch: dict, with_entropy: bool = False, with_logits: bool = False
                  ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         labels = batch.get("labels")
@@ -331,6 +356,8 @@ class PolicyActor(DistributedWorker):
         logprobs, mask, correct = token_logprobs(logits, labels)
         if with_entropy:
             batch["entropies"] = token_entropy(logits, mask)
+        if with_logits:
+            batch["logits"] = logits if logits.dim() == 2 else logits[:, :-1][mask]
         return batch, logprobs, mask, correct
 
     def _global_num_tokens(self, batches: list[dict]) -> int:

@@ -19,7 +19,7 @@ from swiftray.actors import shared_weights
 from swiftray.actors.configs import RolloutConfig, as_config
 from swiftray.actors.group import DistributedWorker
 from swiftray.experience import RolloutBatch
-from swiftray.models.generation import HFEngine, SamplingParams
+from swiftray.models.generation import Completion, HFEngine, SamplingParams
 
 logger = logging.getLogger("swiftray")
 
@@ -49,7 +49,10 @@ class RolloutActor(DistributedWorker):
         if seed is not None:
             params = SamplingParams(**{**params.__dict__, "seed": seed})
         start = time.time()
-        outputs = self.engine.generate([row["prompt_ids"] for row in prompts], params)
+        if params.from_dataset:
+            outputs = dataset_responses(prompts, params.max_new_tokens)
+        else:
+            outputs = self.engine.generate([row["prompt_ids"] for row in prompts], params)
         columns = {k: [] for k in prompts[0] if k != "prompt_ids"} if prompts else {}
         batch = RolloutBatch([], [], [], [], [], columns, self.version)
         for out in outputs:
@@ -61,6 +64,8 @@ class RolloutActor(DistributedWorker):
             batch.group.append(out.prompt_index)
             for k in columns:
                 columns[k].append(row[k])
+        if params.from_dataset:  # what an algorithm needs to tell these steps apart (GKD's SFT term)
+            batch.annotations["from_dataset"] = [True] * len(batch)
         batch.timings["generate_s"] = time.time() - start
         return batch
 
@@ -117,3 +122,17 @@ class RolloutActor(DistributedWorker):
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Take memory back: "weights" (before a weight sync), then "kv_cache" (before generating); all if None."""
         self.engine.wake_up(tags)
+
+
+def dataset_responses(prompts: list[dict[str, Any]], max_new_tokens: int) -> list[Completion]:
+    """Each row's dataset response as a completion, cut to max_new_tokens ("length", as a sample would be)."""
+    out = []
+    for i, row in enumerate(prompts):
+        response = row.get("response_ids")
+        if not response:
+            messages = row.get("messages") or [{"content": ""}]
+            raise ValueError(f"prompt {messages[-1].get('content', '')!r:.80}: no dataset response to train on "
+                             "(its conversation must end with an assistant turn)")
+        cut = len(response) > max_new_tokens
+        out.append(Completion(i, list(response[:max_new_tokens]), "length" if cut else "stop"))
+    return out

@@ -34,6 +34,15 @@ to each micro-batch of a rank's shard, and `sequence_logps(micro_batches)`, whic
 alone; with `annotate_once` the loop calls the latter once over the dataset instead of every step. The
 loop logs `summarize(metrics)` and calls `observe(metrics)` after each step (running statistics, kept
 in checkpoints by `state_dict`).
+`load_checkpoint`. A role that both annotates and trains is a group with a process group (a critic
+on DDP or FSDP), so it annotates collectively: each rank gets an equal slice of the step's rollouts,
+and what the ranks return is joined again. With `annotate_with_policy` the policy annotates the same
+way, writing its own log-probs of the rollouts (`annotations["logprobs"]`), before make_experience.
+A new algorithm with a new role is one file and no edit to the controller
+(scripts/plugins/value_baseline.py shows one; algorithms/ppo.py and gkd.py are built-in ones).
+
+A trained role's config may be a function of the policy's `PolicyConfig` (a critic trains with the
+policy's backend, optimizer settings and schedule): the run plan calls it with the policy's config.
 """
 
 from __future__ import annotations
@@ -121,6 +130,18 @@ class Algorithm:
     def from_args(cls, args: Any) -> Algorithm:
         """The algorithm as the flags configure it (an algorithm without settings: its defaults)."""
         return cls()
+    # Completions sampled per prompt (GRPO's group size; 1 for PPO and GKD).
+    num_generations: int = 1
+    # Sampling temperature when --temperature is unset (ms-swift: 0.9 for PPO and GKD; swiftray's GRPO: 1.0).
+    default_temperature: float = 1.0
+    # The policy annotates the rollouts with its log-probs (annotations["logprobs"]) before make_experience,
+    # which must then put them in the rows as `old_logprobs` (the controller does not recompute them).
+    annotate_with_policy: bool = False
+    # The policy's loss_fn also gets `logits` [N, V]: the logits at the label positions, in the order of
+    # the loss mask, with gradient (GKD's divergence needs the whole next-token distribution).
+    loss_needs_logits: bool = False
+    # Prompt rows keep their dataset response as `response_ids` (GKD's off-policy steps train on them).
+    uses_dataset_responses: bool = False
 
     def roles(self) -> tuple[str, ...]:
         """Every role the run starts, by name."""
@@ -134,9 +155,18 @@ class Algorithm:
         """Indices of the scored completions worth training on (all, unless the algorithm filters)."""
         return list(range(len(batch)))
 
+    def step_sampling(self, step: int, sampling: Any) -> Any:
+        """The SamplingParams of training step `step` (1-based), given the plan's: the plan's, unless the
+        algorithm varies them (GKD's off-policy steps take the dataset's responses instead)."""
+        return sampling
+
     def make_experience(self, batch: Any, pad_token_id: int) -> dict[str, torch.Tensor]:
         """A scored, annotated RolloutBatch -> the step's training rows (see experience.py)."""
         raise NotImplementedError(f"{type(self).__name__} generates no rollouts")
+
+    def experience_metrics(self, batch: Any, rows: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metrics of a step's rollouts and rows, logged beside the rewards (PPO's KL and scores)."""
+        return {}
 
     def loss(self, token_logprobs: torch.Tensor, batch: dict[str, Any],
              num_tokens_global: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -1,7 +1,15 @@
 """GRPO (Shao et al. 2024) and DAPO (Yu et al. 2025): rollouts + rewards -> advantages -> clipped loss.
 
-The formulas live in `grpo_math.py`; this class holds the settings, decides
+The formulas live in `grpo_math.py` and `advantages.py`; this class holds the settings, decides
 which roles a run needs, and turns a scored RolloutBatch into a training batch.
+
+`--advantage_estimator` picks the advantage, as ms-swift does: grpo (group-normalised), rloo
+(leave-one-out baseline) or reinforce_plus_plus (REINFORCE++-baseline: group-centred, normalised over
+the batch); `--scale_rewards` defaults to the estimator's. `--kl_in_reward` (default on for rloo and
+reinforce_plus_plus) moves the KL from the loss into the reward: each reward loses beta x the sum of
+its tokens' `old - ref` log-probs before the estimator, so the policy annotates the rollouts with its
+log-probs (`annotate_with_policy`) and the loss has no KL term.
+
 Subclass it to change one piece, e.g. the advantage:
 
     @register_algorithm("my_grpo")
@@ -17,10 +25,18 @@ from typing import Any
 
 import torch
 
+from swiftray.algorithms.advantages import (
+    default_kl_in_reward,
+    default_scale_rewards,
+    estimator_advantages,
+    sequence_kl,
+)
 from swiftray.algorithms.base import Algorithm, RoleSpec, register_algorithm, single_loss_type
-from swiftray.algorithms.grpo_math import dynamic_sample_filter, group_advantages, policy_loss
-from swiftray.algorithms.roles import reference_role, reward_model_roles, reward_role
-from swiftray.experience import RolloutBatch, completion_logprobs_to_tokens, sequences_batch
+from swiftray.algorithms.grpo_math import dynamic_sample_filter, policy_loss
+from swiftray.algorithms.roles import reference_role, reward_roles
+from swiftray.experience import RolloutBatch, completion_frame, completion_logprobs_to_tokens, sequences_batch
+
+DEFAULT_BETA = 0.04  # ms-swift's GRPO default (Shao et al. 2024)
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -30,7 +46,7 @@ GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 class GRPO(Algorithm):
     num_generations: int = 8
     scale_rewards: str = "group"
-    beta: float = 0.04
+    beta: float = DEFAULT_BETA
     epsilon: float = 0.2
     epsilon_high: float | None = None
     loss_type: str = "grpo"
@@ -39,16 +55,20 @@ class GRPO(Algorithm):
     dynamic_sample: bool = False
     num_iterations: int = 1
     max_staleness: int = 0
+    advantage_estimator: str = "grpo"
+    kl_in_reward: bool = False
     role_specs: tuple[RoleSpec, ...] = ()
     data_source = "rollouts"
 
     @classmethod
     def from_args(cls, args: Any) -> GRPO:
-        models = reward_model_roles(args)
-        # The reward functions' actor, unless reward models alone score (--reward_model without --reward_funcs).
-        rules = (reward_role(args),) if args.reward_funcs or not models else ()
-        roles = rules + models + ((reference_role(args),) if args.beta != 0 else ())
-        return cls(num_generations=args.num_generations, scale_rewards=args.scale_rewards, beta=args.beta,
+        beta = DEFAULT_BETA if args.beta is None else args.beta
+        estimator = args.advantage_estimator
+        roles = reward_roles(args) + ((reference_role(args),) if beta != 0 else ())
+        return cls(num_generations=args.num_generations,
+                   scale_rewards=args.scale_rewards or default_scale_rewards(estimator), beta=beta,
+                   advantage_estimator=estimator,
+                   kl_in_reward=default_kl_in_reward(estimator) if args.kl_in_reward is None else args.kl_in_reward,
                    epsilon=args.epsilon,
                    epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
                    loss_type=single_loss_type(args, GRPO_LOSS_TYPES, cls.loss_type),
@@ -61,11 +81,35 @@ class GRPO(Algorithm):
     def resample_filtered(self) -> bool:  # type: ignore[override]
         return self.dynamic_sample
 
+    @property
+    def kl_penalises_reward(self) -> bool:
+        """The KL is a reward penalty (kl_in_reward with beta != 0), not a loss term."""
+        return self.kl_in_reward and self.beta != 0
+
+    @property
+    def annotate_with_policy(self) -> bool:  # type: ignore[override]
+        return self.kl_penalises_reward  # the penalty needs the rollout policy's log-probs
+
     # -- experience
 
     def advantages(self, rewards: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
-        """One advantage per completion; completions of a prompt are adjacent."""
-        return group_advantages(rewards, self.num_generations, self.scale_rewards)
+        """One advantage per completion, by --advantage_estimator; completions of a prompt are adjacent.
+        With kl_in_reward, each reward first loses beta x its sequence KL (advantages.py)."""
+        kl_values = None
+        if self.kl_penalises_reward:
+            kl_values = self.sequence_kl(batch).to(rewards.dtype)
+        advantages, _ = estimator_advantages(rewards, self.num_generations, self.advantage_estimator,
+                                             self.scale_rewards, kl_values=kl_values, beta=self.beta)
+        return advantages
+
+    @staticmethod
+    def sequence_kl(batch: RolloutBatch) -> torch.Tensor:
+        """Each completion's sum over its tokens of the rollout policy's minus the reference's log-prob."""
+        if batch.ref_logprobs is None or "logprobs" not in batch.annotations:
+            raise ValueError("kl_in_reward needs the rollouts' policy and reference log-probs")
+        logprobs, ref = completion_frame(batch.annotations["logprobs"]), completion_frame(batch.ref_logprobs)
+        mask = completion_frame([[1.0] * len(c) for c in batch.completion_ids]).bool()
+        return sequence_kl(logprobs.double(), ref.double(), mask)
 
     def keep_groups(self, batch: RolloutBatch) -> list[int]:
         """Indices of completions to train on: with dynamic sampling, groups whose rewards differ."""
@@ -80,12 +124,19 @@ class GRPO(Algorithm):
         loss_on = [not t for t in batch.truncated] if self.overlong_filter else None
         rows = sequences_batch(batch.prompt_ids, batch.completion_ids, pad_token_id, loss_on=loss_on)
         rows["advantages"] = self.advantages(rewards, batch).float()
-        if self.beta != 0:
+        prompt_lens, width = [len(p) for p in batch.prompt_ids], rows["input_ids"].shape[1]
+        if self.kl_penalises_reward:  # the KL is in the advantages; the ratio takes the annotated log-probs
+            rows["old_logprobs"] = completion_logprobs_to_tokens(batch.annotations["logprobs"], prompt_lens, width)
+        elif self.beta != 0:
             if batch.ref_logprobs is None:
                 raise ValueError("beta != 0 but the rollouts carry no reference log-probs")
-            rows["ref_logprobs"] = completion_logprobs_to_tokens(
-                batch.ref_logprobs, [len(p) for p in batch.prompt_ids], rows["input_ids"].shape[1])
+            rows["ref_logprobs"] = completion_logprobs_to_tokens(batch.ref_logprobs, prompt_lens, width)
         return rows
+
+    def experience_metrics(self, batch: RolloutBatch, rows: dict[str, torch.Tensor]) -> dict[str, float]:
+        if not self.kl_penalises_reward:
+            return {}
+        return {"kl_in_reward/sequence_kl_mean": float(self.sequence_kl(batch).mean())}
 
     # -- loss
 
@@ -96,7 +147,7 @@ class GRPO(Algorithm):
         global_tokens = max(1, num_tokens_global) if self.loss_type == "dapo" else None
         loss, metrics = policy_loss(
             token_logprobs, batch.get("old_logprobs"), batch["advantages"], mask, loss_type=self.loss_type,
-            epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
+            epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=0.0 if self.kl_in_reward else self.beta,
             ref_logprobs=batch.get("ref_logprobs"), max_completion_length=self.max_completion_length,
             num_sequences_global=int(batch["num_sequences_global"]), num_tokens_global=global_tokens,
             entropies=batch.get("entropies"))

@@ -55,6 +55,7 @@ def reward_role(args: Any) -> RoleSpec:
     if unknown:
         raise ArgumentError(f"--reward_funcs {' '.join(unknown)}: unknown reward function(s); registered: "
                             f"{', '.join(sorted(REWARD_FUNCS))} (add your own with --external_plugins)")
+    weights = args.reward_weights[:len(args.reward_funcs)] if args.reward_weights is not None else None
     config = RewardConfig(
         reward_funcs=tuple(args.reward_funcs),
         # --reward_weights lists the functions' weights first, then the reward models' (reward_model_roles).
@@ -99,7 +100,8 @@ def reward_model_roles(args: Any) -> tuple[RoleSpec, ...]:
         names.append(name)
         weight = weights[len(args.reward_funcs) + i] if weights is not None else 1.0
         config = RewardModelConfig(model_dir=absolute(path), name=name, weight=float(weight),
-                                   attn_impl=args.attn_impl, nonfinite_reward=args.nonfinite_reward)
+                                   attn_impl=args.attn_impl, nonfinite_reward=args.nonfinite_reward,
+                                   batch_size=getattr(args, "local_rollout_forward_batch_size", 16))
         specs.append(RoleSpec("reward_model" if i == 0 else f"reward_model_{i}",
                               "swiftray.actors.reward_model:RewardModelActor", config, phases=("score",),
                               scale="one", wants_gpu=True, cpu_share=0.25))
@@ -113,3 +115,10 @@ def _same_vocabulary(model_dir: str, other_dir: str) -> bool:
     if not os.path.isdir(model_dir):
         return True  # nothing to compare with (planning for another machine); the run itself loads both
     return AutoTokenizer.from_pretrained(model_dir).get_vocab() == AutoTokenizer.from_pretrained(other_dir).get_vocab()
+
+
+def reward_roles(args: Any) -> tuple[RoleSpec, ...]:
+    """The reward sources of a run: the functions of --reward_funcs (when named, or when there is no
+    reward model), then one role per --reward_model."""
+    models = reward_model_roles(args)
+    return ((reward_role(args),) if args.reward_funcs or not models else ()) + models

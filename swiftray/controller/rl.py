@@ -47,7 +47,14 @@ from swiftray.controller.common import (
 from swiftray.controller.ledger import Ledger
 from swiftray.controller.recovery import PolicyKeeper
 from swiftray.controller.rl_data import PromptSampler, encode_prompts, readable_error, ship_plugins_by_value
-from swiftray.controller.rl_tasks import attach_old_logprobs, filter_groups, make_step_batch, score_eval
+from swiftray.controller.rl_tasks import (
+    attach_old_logprobs,
+    filter_groups,
+    join_rollouts,
+    make_step_batch,
+    score_eval,
+    split_rollouts,
+)
 from swiftray.controller.roles import RunningRoles
 from swiftray.controller.supervision import Supervisor
 from swiftray.controller.weight_sync import WeightSync
@@ -81,6 +88,7 @@ class RLStep:
         self.ledger = Ledger(run_dir)
         self.restarts: list[dict[str, Any]] = []  # policy restarts since the last step's ledger line
         self.memory: dict[str, float] = {}
+        self.policy_onloaded = False
 
     def generate(self, rows: list[dict[str, Any]], params: Any, seed: int, ids: list[int] | None = None,
                  step: int | None = None, resample: int = 0) -> Request:
@@ -108,9 +116,24 @@ class RLStep:
         return refs
 
     def annotate(self, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
-        """Each chunk through every role of the "annotate" phase, actor to actor (the driver holds refs)."""
-        stages = [r.name for r in self.plan.roles_in("annotate")]
-        return self.work.finish(self.work.continue_with(refs, stages)) if stages else refs
+        """Reference log-probs, a critic's values, the policy's own log-probs, ... Roles that do not train
+        take each chunk, actor to actor (the driver holds refs; lost actors replaced). Groups that train (and
+        so may run collectives: DDP, FSDP) each get an equal slice of the step's rollouts per rank."""
+        stages = [r.name for r in self.plan.roles_in("annotate") if "train" not in r.phases]
+        if stages:
+            refs = self.work.finish(self.work.continue_with(refs, stages))
+        collective = [self.roles[r.name] for r in self.plan.roles_in("annotate") if "train" in r.phases]
+        if self.algorithm.annotate_with_policy:
+            self.onload_policy()
+            collective.append(self.roles["policy"])
+        if not collective:
+            return refs
+        b = self.plan.batch
+        whole, *slices = split_rollouts.options(num_returns=b.world_size + 1).remote(
+            refs, b.completions_per_generation, b.world_size)
+        for group in collective:
+            slices = group.call_all_ranked("annotate", slices)
+        return [join_rollouts.remote(whole, *slices)]
 
     def commit(self, step: int) -> dict[str, float]:
         """Write step's ledger line (its prompts, the weight versions that generated them, the faults met);
@@ -153,7 +176,7 @@ class RLStep:
         iteration. When a batch is reused (several optimizer steps or iterations), each ratio is taken
         against the policy's log-probs from before the first update (`old_logprobs`)."""
         iterations = self.algorithm.num_iterations
-        if iterations > 1 or len(shards) > 1:
+        if (iterations > 1 or len(shards) > 1) and not self.algorithm.annotate_with_policy:
             policy = self.roles["policy"]
             shards = [[attach_old_logprobs.remote(shard, lp)
                        for shard, lp in zip(step_shards, policy.call_all_ranked("compute_logprobs", step_shards))]
@@ -162,9 +185,11 @@ class RLStep:
         for _ in range(iterations):
             per_step = []
             for step_shards in shards:
+                policy_inputs = {"with_entropy": True,
+                                 **({"with_logits": True} if self.algorithm.loss_needs_logits else {})}
                 calls = {name: group.call_all_ranked(
                     "train_step", step_shards, self.algorithm.loss if name == "policy" else self.algorithm.role_loss(name),
-                    **({"with_entropy": True} if name == "policy" else {}))
+                    **(policy_inputs if name == "policy" else {}))
                     for name, group in self.trained.items()}
                 results = {name: ray.get(refs) for name, refs in calls.items()}
                 metrics = _mean(results["policy"])
@@ -201,12 +226,15 @@ class RLStep:
             ray.get(self.roles["policy"].call_all("offload", model=s.offload_model, optimizer=s.offload_optimizer,
                                                   gc_collect=s.gc_collect_after_offload))
             self._measure("after_offload")
+        self.policy_onloaded = False
 
     def onload_policy(self) -> None:
+        """Once per step: before the policy annotates the rollouts (if it does), else before training."""
         s = self.plan.step
-        if s.mode == "colocated" and (s.offload_model or s.offload_optimizer):
+        if s.mode == "colocated" and (s.offload_model or s.offload_optimizer) and not self.policy_onloaded:
             ray.get(self.roles["policy"].call_all("onload"))
             self._measure("after_onload")
+        self.policy_onloaded = True
 
     def _measure(self, label: str) -> None:
         if self.plan.cluster.gpus:
@@ -226,7 +254,7 @@ def run_rlhf(args: Any) -> Path | None:
     tokenizer = load_tokenizer(draft.model, template=draft.template.template)
     template = make_template(tokenizer, draft.template)
     train_ds, val_ds = load_train_val(draft.data, allow_no_response=True)
-    train_prompts = encode_prompts(train_ds, template)
+    train_prompts = encode_prompts(train_ds, template, with_responses=algorithm.uses_dataset_responses)
     val_prompts = encode_prompts(val_ds, template) if val_ds is not None else []
     sampler = PromptSampler(len(train_prompts), seed=draft.data.seed, shuffle=draft.data.shuffle)
     plan = plan_or_print(args, algorithm, len(train_prompts), "rlhf")
@@ -255,7 +283,8 @@ def run_rlhf(args: Any) -> Path | None:
             before = sampler.state_dict()
             ids = sampler.take(b.prompts_per_generation)
             seed = args.seed + step + RESAMPLE_SEED_STRIDE * attempt
-            return {"work": rl.generate([train_prompts[i] for i in ids], step_plan.sampling, seed, ids, step, attempt),
+            params = algorithm.step_sampling(step, step_plan.sampling)
+            return {"work": rl.generate([train_prompts[i] for i in ids], params, seed, ids, step, attempt),
                     "t": time.time(), "sampler_before": before}
 
         def evaluate(step: int) -> dict[str, float] | None:

@@ -13,26 +13,44 @@ from swiftray.data.template import SampleTooLongError, Template
 logger = logging.getLogger("swiftray")
 
 
-def encode_prompts(ds: Dataset, template: Template) -> list[dict[str, Any]]:
+def encode_prompts(ds: Dataset, template: Template, with_responses: bool = False) -> list[dict[str, Any]]:
     """Each row's prompt token ids (the conversation up to the last user turn) plus its other columns.
 
     Prompts over --max_length are skipped with a logged count (--truncation_strategy delete).
+    `with_responses`: rows that end with an assistant turn also get its tokens as `response_ids`, as
+    the template lays them out after the prompt (what an algorithm trains on in place of a rollout).
     """
     rows, too_long = [], 0
     for row in ds:
         messages = list(row["messages"])
-        if messages and messages[-1]["role"] == "assistant":
+        answered = bool(messages) and messages[-1]["role"] == "assistant"
+        if answered:
             messages = messages[:-1]  # GRPO generates the last answer itself
         try:
             prompt_ids = template.encode_prompt(messages)
+            extra = {"response_ids": response_ids(template, row["messages"], prompt_ids)} if with_responses else {}
         except SampleTooLongError:
             too_long += 1
             continue
-        rows.append({**row, "messages": messages, "prompt_ids": prompt_ids})
+        rows.append({**row, "messages": messages, "prompt_ids": prompt_ids, **extra})
     if too_long:
         logger.warning("skipped %d of %d prompts longer than --max_length %s", too_long, len(ds),
                        template.max_length)
     return rows
+
+
+def response_ids(template: Template, messages: list[dict[str, Any]], prompt_ids: list[int]) -> list[int] | None:
+    """The last assistant turn's tokens, through its last labelled one, when the whole conversation's
+    encoding starts with `prompt_ids`; None for a row without a response (or a template that
+    renders the prompt differently inside the conversation)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        return None
+    encoded = template.encode(messages)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    if ids[:len(prompt_ids)] != prompt_ids:
+        return None
+    labelled = [i for i in range(len(prompt_ids), len(ids)) if labels[i] != -100]
+    return ids[len(prompt_ids):labelled[-1] + 1] if labelled else None
 
 
 class PromptSampler:

@@ -11,7 +11,14 @@ from typing import Any
 
 import ray
 
-from swiftray.experience import RolloutBatch, concat_rollouts, select, split_for_ranks
+from swiftray.experience import (
+    RolloutBatch,
+    concat_rollouts,
+    rank_slices,
+    rejoin_slices,
+    select,
+    split_for_ranks,
+)
 from swiftray.rewards import reward_metrics
 
 
@@ -44,16 +51,44 @@ def make_step_batch(algorithm: Any, refs: list[ray.ObjectRef], batch_plan: Any, 
         raise RuntimeError(f"rollouts from weight version {batch.version} are {staleness} steps behind the "
                            f"policy (version {policy_version}); {algorithm.name} allows {algorithm.max_staleness}")
     rows = algorithm.make_experience(batch, pad_token_id)
+    experience_metrics = algorithm.experience_metrics(batch, rows)
     per_step = batch_plan.samples_per_optimizer_step
     shards = []
     for k in range(batch_plan.optimizer_steps_per_generation):
         step_rows = {key: value[k * per_step:(k + 1) * per_step] for key, value in rows.items()}
         shards += split_for_ranks(step_rows, batch_plan.world_size, batch_plan.micro_batch_size)
     timings = {f"time/{k}": v for k, v in batch.timings.items()}
-    summary = {"metrics": {**rollout_metrics(batch), **timings, "staleness": staleness,
-                           "advantage/abs_mean": float(rows["advantages"].abs().mean())},
+    summary = {"metrics": {**rollout_metrics(batch), **timings, **experience_metrics, "staleness": staleness,
+                           **advantage_abs_mean(rows)},
                "completions": completion_rows(batch, num_logged)}
     return (*shards, summary)
+
+
+def advantage_abs_mean(rows: dict[str, Any]) -> dict[str, float]:
+    """advantage/abs_mean: mean |advantage| over completions (one per sequence) or over completion tokens
+    (per-token ones); nothing for an algorithm without advantages (distillation)."""
+    advantages = rows.get("advantages")
+    if advantages is None:
+        return {}
+    if advantages.dim() == 1:
+        return {"advantage/abs_mean": float(advantages.abs().mean())}
+    mask = rows["labels"][:, 1:] != -100
+    return {"advantage/abs_mean": float(advantages[mask].abs().mean()) if mask.any() else 0.0}
+
+
+@ray.remote(num_cpus=0)
+def split_rollouts(refs: list[ray.ObjectRef], size: int, world_size: int) -> tuple:
+    """(the step's first `size` rollouts as one batch, then its equal slice for each rank)."""
+    batch = _gather(refs)
+    if len(batch) > size:
+        batch = select(batch, list(range(size)))
+    return (batch, *rank_slices(batch, world_size))
+
+
+@ray.remote(num_cpus=0)
+def join_rollouts(whole: RolloutBatch, *slices: RolloutBatch) -> RolloutBatch:
+    """The rank slices, annotated, as the step's one batch again."""
+    return rejoin_slices(whole, list(slices))
 
 
 @ray.remote(num_cpus=0)
@@ -73,7 +108,7 @@ def score_eval(refs: list[ray.ObjectRef]) -> dict[str, float]:
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     lengths = [len(c) for c in batch.completion_ids]
-    out = reward_metrics(batch.reward_per_func, batch.rewards)
+    out = reward_metrics(batch.reward_per_func, batch.rewards or None)  # no rewards: distillation
     out.update({
         "completions/mean_length": statistics.fmean(lengths),
         "completions/max_length": float(max(lengths)),

@@ -28,6 +28,9 @@ class SamplingParams:
     n: int = 1  # completions per prompt
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    # Rollouts only: instead of sampling, each prompt row's dataset response (its `response_ids`), cut to
+    # max_new_tokens (GKD's off-policy steps).
+    from_dataset: bool = False
 
 
 @dataclass
