@@ -142,7 +142,8 @@ def test_compatibility_flags_print_their_reason_and_change_nothing(command, tiny
     cls, extra = COMMANDS[command]
     values = {"dataloader_num_workers": "4", "use_hf": "true", "hub_token": "hf_x", "model_type": "qwen3",
               "loss_scale": "last_round", "packing": "true", "padding_free": "true", "max_new_tokens": "8",
-              "stream": "true", "infer_backend": "vllm", "per_device_eval_batch_size": "4"}
+              "stream": "true", "infer_backend": "vllm", "per_device_eval_batch_size": "4",
+                  "num_sample_generations": "2"}
     for name, reason in compat_flags(command).items():
         args = parse_args(cls, ["--model", str(tiny_model_dir), "--dataset", "d.jsonl", *extra, f"--{name}", values[name]])
         algorithm = SFT() if command == "sft" else get_algorithm(args.rlhf_type).from_args(args)

@@ -11,7 +11,6 @@ from swiftray.arguments import ArgumentError
 from swiftray.placement import Cluster, Node
 
 
-
 def without(flags: list[str], *names: str) -> list[str]:
     """`flags` less the named flags and their values."""
     out, skip = [], False

@@ -55,7 +55,6 @@ def reward_role(args: Any) -> RoleSpec:
     if unknown:
         raise ArgumentError(f"--reward_funcs {' '.join(unknown)}: unknown reward function(s); registered: "
                             f"{', '.join(sorted(REWARD_FUNCS))} (add your own with --external_plugins)")
-    weights = args.reward_weights[:len(args.reward_funcs)] if args.reward_weights is not None else None
     config = RewardConfig(
         reward_funcs=tuple(args.reward_funcs),
         # --reward_weights lists the functions' weights first, then the reward models' (reward_model_roles).
@@ -104,7 +103,7 @@ def reward_model_roles(args: Any) -> tuple[RoleSpec, ...]:
                                    batch_size=getattr(args, "local_rollout_forward_batch_size", 16))
         specs.append(RoleSpec("reward_model" if i == 0 else f"reward_model_{i}",
                               "swiftray.actors.reward_model:RewardModelActor", config, phases=("score",),
-                              scale="one", wants_gpu=True, cpu_share=0.25))
+                              scale="per_gpu", wants_gpu=True, cpu_share=0.25))
     return tuple(specs)
 
 
