@@ -58,22 +58,15 @@ def reward_functions() -> list[Any]:
 
 def run_swiftray(opts: argparse.Namespace, async_generate: bool) -> dict[str, Any]:
     from swiftray.cli import main as swiftray_main
-    from swiftray.controller import rl
 
+    before: list[str] = []
     if opts.before:
-        # swiftray as it was before this benchmark's fixes: one thread per role, model.generate in the
-        # rollout, weight sync through the object store, every completion's prompt computed again
-        # (fused AdamW stays).
+        # swiftray as it was before this benchmark's fixes: model.generate in the rollout, weight sync
+        # through the object store, every completion's prompt computed again (fused AdamW stays). The
+        # thread split is the run plan's now in both contenders.
         os.environ["SWIFTRAY_STATIC_DECODE"] = "0"  # inherited by the actors Ray starts
         os.environ["SWIFTRAY_SHARE_PROMPTS"] = "0"
-        rl.thread_shares = lambda *a, **k: {"policy": 0.5, "rollout": 0.5, "reference": 0.5}
-        start_roles = rl.Roles._start
-
-        def object_store_only(self: Any, *a: Any) -> None:
-            start_roles(self, *a)
-            self.shared_sync = False
-
-        rl.Roles._start = object_store_only
+        before = ["--weight_sync", "object_store"]
     from swiftray.tracking import Tracker
 
     ends: list[float] = []
@@ -103,7 +96,7 @@ def run_swiftray(opts: argparse.Namespace, async_generate: bool) -> dict[str, An
         "--torch_dtype", "float32", "--gradient_checkpointing", "false", "--async_generate",
         str(async_generate).lower(), "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
         "--logging_steps", "1", "--eval_steps", str(10 * opts.steps), "--seed", "42",
-        "--output_dir", str(opts.out),
+        "--output_dir", str(opts.out), *before,
     ])
     out = step_summary(ends, rewards, start)
     out["stage_timings"] = timings

@@ -89,7 +89,7 @@ def measure(model_dir: str, repeats: int, threads: int) -> dict[str, Any]:
                 start = time.perf_counter()
                 export = policy.call_all("export_weights", BUCKET_BYTES,
                                          shared_memory=transport == "shared_memory")[0]
-                update = rollout.call_all("update_weights", version, export)  # as Roles.sync_weights does
+                update = rollout.call_all("update_weights", version, export)  # as controller/weight_sync.py does
                 ray.wait([export])
                 exported = time.perf_counter()
                 ray.get(update)

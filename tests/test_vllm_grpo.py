@@ -66,32 +66,32 @@ def coin_flip_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
-class SyncCheckingRoles(rl.Roles):
-    """The run's own roles, measuring around every weight sync how far the vLLM engine's log-probs of
+class SyncCheckingStep(rl.RLStep):
+    """The run's own step, measuring around every weight sync how far the vLLM engine's log-probs of
     its own samples are from the policy's: `gaps[version] = (just before, just after)`."""
 
     gaps: dict[int, tuple[float, float]] = {}
     engines: list[str] = []
 
-    def __init__(self, args, algorithm, total_optimizer_steps: int):
-        super().__init__(args, algorithm, total_optimizer_steps)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    def __init__(self, plan, roles, pad_token_id: int, run_dir=None):
+        super().__init__(plan, roles, pad_token_id, run_dir)
+        tokenizer = AutoTokenizer.from_pretrained(plan.model)
         self.pad_id = tokenizer.pad_token_id
         self.probe = [{"prompt_ids": Template(tokenizer).encode_prompt([{"role": "user", "content": PROBLEM}])}]
         type(self).engines = ray.get([a.__ray_call__.remote(lambda actor: type(actor.engine).__name__)
-                                      for a in self.rollout.actors])
+                                      for a in roles["rollout"].actors])
 
-    def sync_weights(self, version: int, bucket_bytes: int = rl.SYNC_BUCKET_BYTES) -> float:
+    def sync_weights(self, version: int) -> float:
         before = self.logprob_gap()
-        seconds = super().sync_weights(version, bucket_bytes)
+        seconds = super().sync_weights(version)
         self.gaps[version] = (before, self.logprob_gap())
         return seconds
 
     def logprob_gap(self) -> float:
-        rollout = self.rollout.actors[0]
+        rollout = self.roles["rollout"].actors[0]
         batch = ray.get(rollout.generate.remote(self.probe, SamplingParams(max_new_tokens=8, temperature=1.0, n=4), 0))
         rows = ray.put(sequences_batch(batch.prompt_ids, batch.completion_ids, self.pad_id))
-        token_lp = ray.get(self.policy.call_all("compute_logprobs", rows))[0]  # ZeRO-3: every rank takes part
+        token_lp = ray.get(self.roles["policy"].call_all("compute_logprobs", rows))[0]  # ZeRO-3: every rank takes part
         policy = tokens_to_completion_values(token_lp, [len(p) for p in batch.prompt_ids],
                                              [len(c) for c in batch.completion_ids])
         engine = ray.get(rollout.sequence_logprobs.remote(batch.prompt_ids, batch.completion_ids))
@@ -119,7 +119,7 @@ def vllm_run(ray_cluster, coin_flip_model: Path, tmp_path_factory: pytest.TempPa
     mp = pytest.MonkeyPatch()
     mp.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     mp.setenv("NPROC_PER_NODE", "2")
-    mp.setattr(rl, "Roles", SyncCheckingRoles)
+    mp.setattr(rl, "RLStep", SyncCheckingStep)
     try:
         args = parse_args(RlhfArguments, argv)
         assert args.use_vllm and args.deepspeed == "zero3" and args.world_size == 2
@@ -129,7 +129,7 @@ def vllm_run(ray_cluster, coin_flip_model: Path, tmp_path_factory: pytest.TempPa
 
 
 def test_reference_grpo_command_runs_with_vllm(vllm_run: Path):
-    assert SyncCheckingRoles.engines == ["VLLMEngine"]
+    assert SyncCheckingStep.engines == ["VLLMEngine"]
     lines = [json.loads(x) for x in (vllm_run / "logging.jsonl").read_text().splitlines()]
     train = [line for line in lines if "train/loss" in line]
     assert [line["step"] for line in train] == [1, 2]
@@ -144,7 +144,7 @@ def test_reference_grpo_command_runs_with_vllm(vllm_run: Path):
 
 
 def test_vllm_logprobs_equal_the_policy_after_every_sync(vllm_run: Path):
-    gaps = SyncCheckingRoles.gaps
+    gaps = SyncCheckingStep.gaps
     assert sorted(gaps) == [0, 1, 2]  # the start, then once per step
     assert all(after < ATOL for _, after in gaps.values()), gaps
     assert gaps[2][0] > 10 * ATOL, gaps  # step 2 trained: an engine left on the old weights would show
