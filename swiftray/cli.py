@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         # Bad input gets one clear line; SWIFTRAY_DEBUG=1 shows the traceback.
         if os.environ.get("SWIFTRAY_DEBUG") == "1":
             raise
-        print(f"swiftray {command}: error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line, always
+        print(f"swiftray {command}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -94,10 +94,19 @@ def load_config_file(path: str) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as err:  # noqa: BLE001 - both parsers raise their own types
-        raise ArgumentError(f"config file {path}: not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: {err}") from err
+        kind = "YAML" if path.endswith(("yaml", "yml")) else "JSON"
+        raise ArgumentError(f"config file {path}: not valid {kind}: {_one_line_parse_error(err)}") from err
     if not isinstance(data, dict):
         raise ArgumentError(f"config file {path}: expected a mapping of flag names to values")
     return data
+
+
+def _one_line_parse_error(err: Exception) -> str:
+    """YAML's messages span lines (the offending text, a caret): keep where and what."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(err).split())
 
 
 def _coerce(cls: type, name: str, value: Any, source: str) -> Any:

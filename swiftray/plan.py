@@ -196,7 +196,7 @@ def check_model_type(args: Any) -> None:
         found = json.load(f).get("model_type")
     if found and found != args.model_type:
         raise ArgumentError(f"--model_type {args.model_type}: {path} says model_type {found!r}; "
-                            "drop the flag or point --model at a {args.model_type} checkpoint")
+                            f"drop the flag or point --model at a {args.model_type} checkpoint")
 
 
 def parse_fsdp(value: str | None, on_gpu: bool) -> dict[str, bool] | None:

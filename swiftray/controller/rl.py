@@ -35,11 +35,11 @@ import ray
 from swiftray import checkpoint as ckpt
 from swiftray.algorithms import get_algorithm
 from swiftray.controller.common import (
+    check_inputs,
     finish,
     load_checkpoint,
     plan_or_print,
     planning_cluster,
-    resume_model,
     save_checkpoint,
     seed_everything,
     start_run,
@@ -246,7 +246,7 @@ class RLStep:
 def run_rlhf(args: Any) -> Path | None:
     """Train; return the run folder (None with --print_plan)."""
     seed_everything(args.seed)
-    resume_model(args)
+    check_inputs(args)
     load_external_plugins(args.external_plugins)  # may register algorithms as well as rewards
     ship_plugins_by_value()
     algorithm = get_algorithm(args.rlhf_type).from_args(args)

@@ -26,12 +26,12 @@ from swiftray.algorithms import get_algorithm
 from swiftray.algorithms.base import Algorithm
 from swiftray.algorithms.sft import SFT
 from swiftray.controller.common import (
+    check_inputs,
     finish,
     load_checkpoint,
     mean_metrics,
     plan_or_print,
     planning_cluster,
-    resume_model,
     save_checkpoint,
     seed_everything,
     start_run,
@@ -57,7 +57,7 @@ def run_sft(args: Any) -> Path | None:
 def run_dataset(args: Any, algorithm: Algorithm | None = None, command: str = "rlhf") -> Path | None:
     """Train a dataset-fed algorithm (default: --rlhf_type's); return the run folder (None with --print_plan)."""
     seed_everything(args.seed)
-    resume_model(args)
+    check_inputs(args)
     algorithm = algorithm or get_algorithm(args.rlhf_type).from_args(args)
     draft = build_plan(args, algorithm, planning_cluster(args), command=command)  # every flag checked
     tokenizer = load_tokenizer(draft.model, template=draft.template.template)

@@ -69,14 +69,27 @@ def parse_dataset_spec(spec: str) -> DatasetSpec:
 # --------------------------------------------------------------------------- reading sources
 
 
+def _read_text(path: str) -> str:
+    """A text data file as UTF-8 (a BOM allowed); a byte that is not UTF-8 is named with its line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DatasetFormatError(
+            f"{path} line {line}: byte {raw[e.start:e.start + 1]!r} is not UTF-8 ({e.reason}); expected a UTF-8 "
+            "text file", "not UTF-8",
+        ) from None
+
+
 def _check_json_file(path: str, strict: bool) -> tuple[str, list[int] | None, list[str]]:
     """Validate a .json/.jsonl file ourselves, since ``datasets``' parse errors name no line.
 
     Returns the file to load (a cleaned copy when bad lines were skipped), the 1-based line of
     each row (None for a JSON list) and where each skipped malformed line is.
     """
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = _read_text(path)
     if path.endswith(".json") and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -126,9 +139,8 @@ def _check_json_file(path: str, strict: bool) -> tuple[str, list[int] | None, li
         good_lines.append(lineno)
         kept.append(line)
     if not kept:
-        raise DatasetFormatError(
-            f"{path}: the file holds no valid rows ({len(bad)} malformed lines; first: {bad[0]})", "empty file"
-        )
+        detail = f" ({len(bad)} malformed lines; first: {bad[0]})" if bad else ""
+        raise DatasetFormatError(f"{path}: the file holds no {'valid ' if bad else ''}rows{detail}", "empty file")
     if bad:
         clean = os.path.join(tempfile.mkdtemp(prefix="swiftray-data-"), "clean.jsonl")
         with open(clean, "w", encoding="utf-8") as f:

@@ -43,12 +43,14 @@ import logging
 import math
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from swiftray.arguments import ArgumentError
 from swiftray.rewards.builtin import BUILTIN_REWARDS
 from swiftray.rewards.verl_style import from_verl, is_verl_style
 
@@ -75,6 +77,16 @@ def register_reward(name: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return decorator
 
 
+class PluginError(ImportError, ArgumentError):
+    """An --external_plugins file that cannot be imported: bad input, so the command line prints one line."""
+
+
+def _line_in(err: BaseException, path: Path) -> str:
+    """" (line N)": where in the plug-in file `err` was raised (a SyntaxError names its own line)."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == str(path)]
+    return f" (line {frames[-1].lineno})" if frames else ""
+
+
 def load_external_plugins(paths: Sequence[str | Path]) -> None:
     """Import each plug-in file by path so that its registrations run.
 
@@ -92,7 +104,7 @@ def load_external_plugins(paths: Sequence[str | Path]) -> None:
             sys.path.insert(0, str(path.parent))
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
-            raise ImportError(f"--external_plugins: cannot import {path} (not a Python file?)")
+            raise PluginError(f"--external_plugins: cannot import {path} (not a Python file?)")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         try:
@@ -102,10 +114,11 @@ def load_external_plugins(paths: Sequence[str | Path]) -> None:
             hint = ""
             if e.name and e.name.split(".")[0] == "swift":
                 hint = " (an ms-swift plug-in: import ORM, AsyncORM and orms from swiftray.rewards instead)"
-            raise ImportError(f"--external_plugins: importing {path} failed: {e}{hint}") from e
+            raise PluginError(f"--external_plugins: importing {path} failed: {e}{_line_in(e, path)}{hint}") from e
         except Exception as e:
             del sys.modules[module_name]
-            raise ImportError(f"--external_plugins: importing {path} failed: {type(e).__name__}: {e}") from e
+            raise PluginError(f"--external_plugins: importing {path} failed: {type(e).__name__}: {e}"
+                              f"{_line_in(e, path)}") from e
         verl_score = getattr(module, "compute_score", None)
         if is_verl_style(verl_score) and "compute_score" not in REWARD_FUNCS:
             REWARD_FUNCS["compute_score"] = verl_score  # a verl reward file: --reward_funcs compute_score
