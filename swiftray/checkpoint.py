@@ -153,16 +153,22 @@ def write_json(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+# The run folder this process made last: where the CLI writes a failed run's traceback (error.log).
+RUN_DIRS: list[Path] = []
+
+
 def make_run_dir(output_dir: str, add_version: bool = True) -> Path:
     """ms-swift's `output_dir/vN-YYYYMMDD-HHMMSS`, N one above the highest already there."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     if not add_version:
+        RUN_DIRS.append(root)
         return root
     versions = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"^v(\d+)-", p.name))]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = root / f"v{max(versions, default=-1) + 1}-{stamp}"
     run_dir.mkdir()
+    RUN_DIRS.append(run_dir)
     return run_dir
 
 

@@ -102,9 +102,44 @@ def main(argv: list[str] | None = None) -> None:
         # Bad input gets one clear line; SWIFTRAY_DEBUG=1 shows the traceback.
         if os.environ.get("SWIFTRAY_DEBUG") == "1":
             raise
-        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line, always
-        print(f"swiftray {command}: error: {message}", file=sys.stderr)
+        print(f"swiftray {command}: error: {one_line(err)}{traceback_note(err)}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        # Not the user's input: once a run folder exists, the one line says where the whole story is.
+        if os.environ.get("SWIFTRAY_DEBUG") == "1" or not (note := traceback_note(err)):
+            raise
+        print(f"swiftray {command}: error: {type(err).__name__}: {one_line(err)}{note}", file=sys.stderr)
+        sys.exit(1)
+
+
+def one_line(err: BaseException) -> str:
+    from swiftray.checkpoint import redact_text
+
+    return redact_text("; ".join(line.strip() for line in str(err).splitlines() if line.strip()), known_secrets())
+
+
+def known_secrets() -> set[str]:
+    """Secret values of the environment and of the flags (which the run's log filter holds)."""
+    from swiftray.checkpoint import SecretFilter, secret_values
+
+    secrets = secret_values(os.environ)
+    for handler in logging.getLogger().handlers + logging.getLogger("swiftray").handlers:
+        secrets |= {s for f in handler.filters if isinstance(f, SecretFilter) for s in f.secrets}
+    return secrets
+
+
+def traceback_note(err: BaseException) -> str:
+    """Write the full traceback (with the actor's own, which Ray keeps as the cause) to error.log in
+    the run folder this process made, if any; the note that points to it."""
+    import traceback
+
+    from swiftray.checkpoint import RUN_DIRS, redact_text
+
+    if not RUN_DIRS or not RUN_DIRS[-1].is_dir():
+        return ""
+    path = RUN_DIRS[-1] / "error.log"
+    path.write_text(redact_text("".join(traceback.format_exception(err)), known_secrets()))
+    return f" (full traceback: {path})"
 
 
 if __name__ == "__main__":

@@ -154,3 +154,35 @@ def test_tracker_config_is_redacted_before_wandb(tmp_path, monkeypatch, config):
     tracker.wandb = None
     tracker.close()
     assert FLAG_TOKEN not in json.dumps(seen["config"]) and "<redacted>" in json.dumps(seen["config"])
+
+
+def test_a_failed_run_writes_its_traceback_to_the_run_folder_without_secrets(tmp_path, monkeypatch, capsys):
+    from swiftray import checkpoint, cli
+
+    monkeypatch.setattr(checkpoint, "RUN_DIRS", [])
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecretvalue123")
+
+    def failing_run(command, rest):
+        checkpoint.make_run_dir(str(tmp_path / "out"))
+        raise ZeroDivisionError("boom near hf_supersecretvalue123")
+
+    monkeypatch.setattr(cli, "run_command", failing_run)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["sft"])
+    assert exited.value.code == 1
+    console = capsys.readouterr().err.strip().splitlines()
+    log = next((tmp_path / "out").glob("v*/error.log"))
+    # One line on the console, naming the error and where the whole traceback is ...
+    assert console == [f"swiftray sft: error: ZeroDivisionError: boom near <redacted> (full traceback: {log})"]
+    # ... which holds the frames (the failing function's among them), and no secret.
+    text = log.read_text()
+    assert "Traceback" in text and "failing_run" in text and "hf_supersecretvalue123" not in text
+
+
+def test_an_error_before_any_run_folder_keeps_its_traceback_as_before(monkeypatch):
+    from swiftray import checkpoint, cli
+
+    monkeypatch.setattr(checkpoint, "RUN_DIRS", [])
+    monkeypatch.setattr(cli, "run_command", lambda command, rest: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a bug, not bad input, and nowhere to write it: Python's traceback
+        cli.main(["sft"])
