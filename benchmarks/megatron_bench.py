@@ -16,6 +16,8 @@ Rate = loss tokens of steps 2..N (logging.jsonl's train/num_tokens) over the tim
 lines of step 1 and step N (elapsed_s): step 1 carries one-off warm-up. The 1-minute load average is
 recorded before each run: this machine is shared, and a loaded machine slows every contender.
 The results go to benchmarks/work/megatron/results.json and to their section of RESULTS.md.
+Not run yet (written while the shared machine's load average was 10-60): its section of RESULTS.md
+comes with its first run on a quiet machine.
 """
 
 from __future__ import annotations
