@@ -137,6 +137,7 @@ class RolePlan:
     placement: Placement
     phases: tuple[str, ...] = ()  # see algorithms/base.py; the policy and rollout have their own calls
     threads_share: float | None = None  # share of a node's cores for each worker's torch threads (CPU)
+    data_ranks: tuple[int, ...] = ()  # the data shard of each worker (model-parallel peers share one); (): its rank
 
 
 @dataclass(frozen=True)
@@ -357,17 +358,19 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
     check_deepspeed(args.deepspeed)
     on_gpu = cluster.gpus > 0
     world = args.world_size
+    # Policy ranks that take data: all of them, but for a model-parallel trainer (Megatron) its DP size.
+    data_world = getattr(args, "data_parallel_size", world)
     dtype = resolve_dtype(args.torch_dtype, args.model, on_gpu)
     if args.ddp_backend == "nccl" and not on_gpu:
         raise ArgumentError("--ddp_backend nccl needs GPUs; this cluster has none (gloo is the CPU backend)")
     fsdp = parse_fsdp(args.fsdp, on_gpu)
     rl = algorithm.data_source == "rollouts"
     if rl:
-        batch = _rl_batch(args, world, algorithm.num_generations)
+        batch = _rl_batch(args, data_world, algorithm.num_generations)
         if args.async_generate and algorithm.max_staleness < 1:
             raise ArgumentError(f"--async_generate: {algorithm.name} allows no stale rollouts")
     else:
-        batch = BatchPlan(world, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+        batch = BatchPlan(data_world, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                           args.per_device_eval_batch_size)
 
     schedule = None
@@ -406,11 +409,15 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         # CPU threads: synchronous steps run one role at a time on every core; async halves them.
         return None if on_gpu else sync_share * (0.5 if async_generate else 1.0)
 
-    roles = [RolePlan("policy", "swiftray.actors.policy:PolicyActor",
-                      _policy_config(args, dtype, total_optimizer_steps, fsdp, algorithm.policy_head),
-                      layout.placements["policy"],
+    if hasattr(args, "policy_trainer"):  # another policy backend: `swiftray megatron rlhf` (megatron/rlhf.py)
+        policy_actor, policy_config, data_ranks = args.policy_trainer(dtype, total_optimizer_steps, algorithm)
+    else:
+        policy_actor, data_ranks = "swiftray.actors.policy:PolicyActor", ()
+        policy_config = _policy_config(args, dtype, total_optimizer_steps, fsdp, algorithm.policy_head)
+    roles = [RolePlan("policy", policy_actor, policy_config, layout.placements["policy"],
                       # roles take turns with the cores (RL; DPO: reference, then policy)
-                      threads_share=share(1.0 / world) if rl or algorithm.role_specs else None)]
+                      threads_share=share(1.0 / world) if rl or algorithm.role_specs else None,
+                      data_ranks=data_ranks)]
     if rl:
         place = layout.placements["rollout"]
         tp = args.vllm_tensor_parallel_size if args.use_vllm else 1
@@ -485,6 +492,9 @@ def describe(plan: RunPlan) -> str:
         lines.append(f"    {role.name:<10} {p.num_workers} worker(s) x {p.num_cpus:g} CPU, {gpu}{shared}"
                      + (f"; {engine}" if engine else "") + (f"; phases {', '.join(role.phases)}" if role.phases else ""))
         lines.append(f"               on {', '.join(_runs(p.devices))}")
+        if hasattr(role.config, "describe"):  # a model-parallel trainer: its layout and each rank's data shard
+            lines.append(f"               {role.config.describe(p.num_workers)}"
+                         + (f"; data shard of each rank {list(role.data_ranks)}" if role.data_ranks else ""))
     lines.append(f"  batch: {b.micro_batch_size} per rank x {b.world_size} rank(s) x {b.accumulation} accumulation "
                  f"= {b.samples_per_optimizer_step} {'completions' if b.num_generations else 'samples'} "
                  "per optimizer step")

@@ -119,6 +119,9 @@ class ActorGroup:
     one bundle per worker. Given `placement_group` and `bundles` (the run plan's), each worker goes in
     its bundle of that shared group instead: how roles share the policy's GPUs. The process group
     uses `backend`: "auto" is nccl when workers have GPUs and gloo otherwise; None makes none.
+
+    `data_ranks` (the run plan's, for model-parallel trainers such as Megatron's): the data shard each
+    rank takes; ranks of one model-parallel group share one. Empty: rank i takes shard i.
     """
 
     def __init__(
@@ -134,13 +137,19 @@ class ActorGroup:
         placement_group: Any = None,
         bundles: tuple[int, ...] | None = None,
         backend: str | None = "auto",
+        data_ranks: tuple[int, ...] = (),
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"ActorGroup {name!r}: num_workers must be >= 1, got {num_workers}")
         if num_cpus_per_worker <= 0:
             raise ValueError(f"ActorGroup {name!r}: num_cpus_per_worker must be > 0, got {num_cpus_per_worker}")
+        if data_ranks and (len(data_ranks) != num_workers or set(data_ranks) != set(range(max(data_ranks) + 1))):
+            raise ValueError(f"ActorGroup {name!r}: data_ranks {data_ranks} must give each of {num_workers} ranks "
+                             "a shard, every shard 0..N-1 taken")
         self.name = name
         self.num_workers = num_workers
+        self.data_ranks = tuple(data_ranks) or tuple(range(num_workers))
+        self.num_shards = max(self.data_ranks) + 1
         self.actor_cls = actor_cls
         self.init_args = init_args
         self.num_cpus_per_worker, self.num_gpus_per_worker = num_cpus_per_worker, num_gpus_per_worker
@@ -235,13 +244,23 @@ class ActorGroup:
         return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
 
     def call_all_ranked(self, method: str, per_rank_args: list, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
-        """Call `method(per_rank_args[rank], *args, **kwargs)` on each rank (e.g. its batch shard)."""
+        """Call `method(per_rank_args[rank], *args, **kwargs)` on each rank (e.g. its batch shard). Given
+        one argument per data shard instead (`num_shards` < ranks), each rank gets its shard's."""
+        if len(per_rank_args) == self.num_shards != self.num_workers:
+            per_rank_args = [per_rank_args[shard] for shard in self.data_ranks]
         if len(per_rank_args) != self.num_workers:
             raise ValueError(
                 f"ActorGroup {self.name!r}: {len(per_rank_args)} per-rank args for {self.num_workers} ranks"
             )
         return [getattr(actor, method).remote(arg, *args, **kwargs)
                 for actor, arg in zip(self.actors, per_rank_args)]
+
+    def one_per_shard(self, per_rank: list) -> list:
+        """From one result per rank (call_all_ranked's), the first rank's of each data shard, in shard order."""
+        first = {}
+        for rank, shard in enumerate(self.data_ranks):
+            first.setdefault(shard, per_rank[rank])
+        return [first[shard] for shard in range(self.num_shards)]
 
     def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         """Call `method` on one rank only. Collective methods (setup, train_step...) must use call_all."""

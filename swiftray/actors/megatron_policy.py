@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -84,9 +85,21 @@ class MegatronPolicyConfig:
     lr_decay_steps: int | None = None  # unset: total_steps
     total_steps: int = 1
     max_grad_norm: float = 1.0  # <= 0: no clipping
+    backend: str = "megatron"  # what --print_plan names the policy's trainer
+
+    def describe(self, world_size: int) -> str:
+        """The parallel layout of `world_size` ranks, for --print_plan."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        extra = [f"EP {self.expert_model_parallel_size}"] if self.expert_model_parallel_size > 1 else []
+        extra += ["sequence parallel"] if self.sequence_parallel else []
+        extra += ["distributed optimizer"] if self.use_distributed_optimizer else []
+        return (f"megatron-core: {world_size} ranks = TP {tp} x PP {pp} x DP {world_size // (tp * pp)}"
+                + (f" ({', '.join(extra)})" if extra else ""))
 
     @classmethod
-    def from_dict(cls, config: dict) -> MegatronPolicyConfig:
+    def from_dict(cls, config: dict | MegatronPolicyConfig) -> MegatronPolicyConfig:
+        if isinstance(config, MegatronPolicyConfig):  # a run plan's RolePlan.config
+            config = dataclasses.asdict(config)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
@@ -123,7 +136,7 @@ class MegatronPolicyActor(DistributedWorker):
         cpu_shim.install()  # before megatron.core is imported, and only without CUDA
 
     # --- construction --------------------------------------------------------------------
-    def setup(self, config: dict) -> dict:
+    def setup(self, config: dict | MegatronPolicyConfig) -> dict:
         """Arrange the parallel groups, build and load this rank's model, DDP, optimizer and schedule."""
         with cpu_shim.device_mode():
             return self._setup(MegatronPolicyConfig.from_dict(config))
@@ -261,6 +274,23 @@ class MegatronPolicyActor(DistributedWorker):
             stats = self._run(batches, None, 0, forward_only=True, keep_logprobs=True)
             logprobs = self._from_last_stage(stats["logprobs"], batches)
             return logprobs if isinstance(batch, list) else logprobs[0]
+
+    @torch.no_grad()
+    def annotate(self, batch: Any, forward_batch_size: int = 64) -> Any:
+        """Collective: this data-parallel rank's slice of the rollouts (a RolloutBatch) with
+        `annotations["logprobs"]`, each completion token's log-prob under the current weights
+        (PolicyActor.annotate's contract; every rank of the group takes part)."""
+        from swiftray.experience import sequences_batch, tokens_to_completion_values
+
+        batch = _fetch(batch)
+        values: list[list[float]] = []
+        for start in range(0, len(batch), forward_batch_size):
+            prompts = batch.prompt_ids[start:start + forward_batch_size]
+            completions = batch.completion_ids[start:start + forward_batch_size]
+            logprobs = self.compute_logprobs(sequences_batch(prompts, completions, pad_token_id=0))
+            values += tokens_to_completion_values(logprobs, [len(p) for p in prompts], [len(c) for c in completions])
+        batch.annotations["logprobs"] = values
+        return batch
 
     def _run(self, batches: list[dict], loss_fn: LossFn | None, num_tokens: int, *, forward_only: bool,
              with_entropy: bool = False, keep_logprobs: bool = False) -> dict[str, Any]:
@@ -428,27 +458,65 @@ class MegatronPolicyActor(DistributedWorker):
             return self.global_step
 
     def export_weights(self, bucket_bytes: int = 64 << 20, merge_lora: bool = True,
-                       shared_memory: bool = False) -> list[ray.ObjectRef]:
-        """Full weights in HF names (a live transformers model's state_dict names) for rollout engines:
-        gathered over TP/EP/PP to rank 0, which returns ObjectRefs of CPU tensor buckets of about
-        bucket_bytes each; other ranks return []. shared_memory is accepted and ignored (object store)."""
+                       shared_memory: bool = False) -> list[ray.ObjectRef] | list[dict]:
+        """Full weights in HF names (a live transformers model's state_dict names) for rollout engines,
+        gathered over TP/EP/PP to rank 0 (collective; other ranks return []). As PolicyActor's: rank 0
+        returns ObjectRefs of CPU tensor buckets of about bucket_bytes each, or with shared_memory
+        (engines on this node) [handle] of one of its two shared-memory buffers (shared_weights.py),
+        falling back to the object store without room in /dev/shm. merge_lora: full weights only here."""
+        from swiftray.actors import shared_weights
+
+        named = self._engine_state()
+        if named is None:
+            return []
+        if shared_memory and shared_weights.available() and getattr(self, "_shared_writer", None) is not False:
+            if getattr(self, "_shared_writer", None) is None:
+                self._shared_writer = shared_weights.SharedWeightsWriter()
+            try:
+                return [self._shared_writer.write(named)]
+            except MemoryError as err:
+                logging.getLogger("swiftray").warning("%s; syncing weights through the object store", err)
+                self._shared_writer.close()
+                self._shared_writer = False
+        buckets: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in named.items():
+            if size >= bucket_bytes:
+                buckets.append({})
+                size = 0
+            buckets[-1][name] = tensor
+            size += tensor.numel() * tensor.element_size()
+        return [ray.put(bucket) for bucket in buckets if bucket]
+
+    def _engine_state(self) -> dict[str, torch.Tensor] | None:
+        """Collective: the HF-named CPU tensors engines load, on rank 0 (None elsewhere)."""
         from swiftray.megatron import hf_map, sharding
 
         with cpu_shim.device_mode():
             full = sharding.gather_full(self.model, self.pieces)
         if self.rank != 0:
-            return []
+            return None
         named = hf_map.fuse_experts_for_runtime(hf_map.canonical_to_hf(full.__getitem__, self.shape), self.shape,
                                                 fused=self._runtime_experts_fused())
-        buckets: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, tensor in named:
-            if size >= bucket_bytes:
-                buckets.append({})
-                size = 0
-            buckets[-1][name] = tensor.contiguous()
-            size += tensor.numel() * tensor.element_size()
-        return [ray.put(bucket) for bucket in buckets if bucket]
+        return {name: tensor.detach().cpu().contiguous() for name, tensor in named}
+
+    def join_weight_group(self, master_addr: str, master_port: int, size: int, backend: str, epoch: int) -> None:
+        """Rank 0: open the weight-broadcast group to engines on other nodes (collective_sync.py)."""
+        from swiftray.actors.collective_sync import WeightBroadcast
+
+        listen, self._store_socket = getattr(self, "_store_socket", None), None
+        self._weight_group = None  # a previous group's sockets go first
+        self._weight_group = WeightBroadcast(master_addr, master_port, 0, size, backend, epoch, listen_socket=listen)
+
+    def broadcast_weights(self, version: int, bucket_bytes: int = 64 << 20) -> int:
+        """Collective over the Megatron ranks: rank 0 broadcasts the gathered HF-named weights to its
+        weight-broadcast group's engines; returns the bytes sent (0 on other ranks)."""
+        state = self._engine_state()
+        if state is None:
+            return 0
+        if getattr(self, "_weight_group", None) is None:
+            raise RuntimeError("MegatronPolicyActor.broadcast_weights: join_weight_group first")
+        return self._weight_group.send(state, version, bucket_bytes)
 
     def _runtime_experts_fused(self) -> bool:
         """Whether this transformers version keeps a layer's experts as fused 3D parameters."""
@@ -464,10 +532,15 @@ class MegatronPolicyActor(DistributedWorker):
             self._hf_fused_experts = any(n.endswith("mlp.experts.gate_up_proj") for n in names)
         return self._hf_fused_experts
 
-    def offload(self) -> None:
-        """Move optimizer moments off the GPU (colocated roles); a no-op on CPU."""
-        self._move_optimizer_state(torch.device("cpu"))
-        gc.collect()
+    def offload(self, model: bool = True, optimizer: bool = True, gc_collect: bool = False) -> None:
+        """Colocated mode, while engines generate: move the optimizer moments off the GPU (--offload_optimizer;
+        the weights stay: megatron's DDP buffers alias them); a no-op on CPU."""
+        if optimizer:
+            self._move_optimizer_state(torch.device("cpu"))
+        if gc_collect:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def onload(self) -> None:
         self._move_optimizer_state(_device())

@@ -131,8 +131,8 @@ class RLStep:
         b = self.plan.batch
         whole, *slices = split_rollouts.options(num_returns=b.world_size + 1).remote(
             refs, b.completions_per_generation, b.world_size)
-        for group in collective:
-            slices = group.call_all_ranked("annotate", slices)
+        for group in collective:  # model-parallel peers share a slice: one answer per slice goes on
+            slices = group.one_per_shard(group.call_all_ranked("annotate", slices))
         return [join_rollouts.remote(whole, *slices)]
 
     def commit(self, step: int) -> dict[str, float]:
@@ -178,8 +178,8 @@ class RLStep:
         iterations = self.algorithm.num_iterations
         if (iterations > 1 or len(shards) > 1) and not self.algorithm.annotate_with_policy:
             policy = self.roles["policy"]
-            shards = [[attach_old_logprobs.remote(shard, lp)
-                       for shard, lp in zip(step_shards, policy.call_all_ranked("compute_logprobs", step_shards))]
+            shards = [[attach_old_logprobs.remote(shard, lp) for shard, lp in
+                       zip(step_shards, policy.one_per_shard(policy.call_all_ranked("compute_logprobs", step_shards)))]
                       for step_shards in shards]
         out = []
         for _ in range(iterations):

@@ -66,7 +66,7 @@ class RunningRoles:
         backend = (self.plan.dist_backend if role.name == "policy" else "auto") if collectives else None
         group = ActorGroup(import_actor(role.actor), p.num_workers, num_cpus_per_worker=p.num_cpus,
                            num_gpus_per_worker=p.num_gpus, name=role.name, placement_group=self._pgs[p.group],
-                           bundles=p.bundles, backend=backend)
+                           bundles=p.bundles, backend=backend, data_ranks=role.data_ranks)
         if collectives:
             ray.get(group.call_all("setup", role.config))
         return group

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 from swiftray.arguments import ArgumentError
 
 USAGE = """usage: swiftray megatron {sft,rlhf} [flags] [config.yaml]
 
   sft    supervised fine-tuning with megatron-core (TP, PP, EP, SP) on a Ray actor group
-  rlhf   RL with a Megatron policy (not wired yet)
+  rlhf   RL (--rlhf_type grpo) with a megatron-core policy: `swiftray rlhf`'s loop, rollout, reference and
+         reward roles, the policy trained over TP x PP x EP x DP ranks and synced to the engines in HF names
 
-`swiftray megatron sft --help` lists every flag with its meaning and default."""
+`swiftray megatron sft --help` / `swiftray megatron rlhf --help` list every flag with its meaning and default."""
 
 
 def megatron_main(argv: list[str]) -> None:
@@ -24,7 +27,13 @@ def megatron_main(argv: list[str]) -> None:
 
         run_megatron_sft(parse_args(MegatronSftArguments, rest, prog="swiftray megatron sft"))
     elif sub == "rlhf":
-        raise ArgumentError("swiftray megatron rlhf is not available yet: a Megatron policy in the RL loop comes "
-                            "with the run plan (MegatronPolicyActor already takes PolicyActor's calls)")
+        from swiftray import launch
+        from swiftray.cli_parser import parse_args
+        from swiftray.megatron.rlhf import MegatronRlhfArguments, run_megatron_rlhf
+
+        args = parse_args(MegatronRlhfArguments, rest, prog="swiftray megatron rlhf")
+        if launch.multi_node(args):  # NNODES/NODE_RANK/MASTER_ADDR: every node runs this same command
+            sys.exit(launch.run_node(run_megatron_rlhf, args))
+        run_megatron_rlhf(args)
     else:
         raise ArgumentError(f"unknown megatron command {sub!r}; expected sft or rlhf\n\n{USAGE}")
