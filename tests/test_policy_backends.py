@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from swiftray.actors.group import ActorGroup
 from swiftray.actors.policy import PolicyActor, token_logprobs
+from swiftray.algorithms.sft import SFT
 
 torch.set_num_threads(1)
 STEPS, SEQS, SEQ_LEN, VOCAB = 5, 4, 16, 300
@@ -151,7 +152,7 @@ def single(ray_cluster):  # noqa: F811
 
 def run_steps(group: ActorGroup, steps: range, micro_per_rank: int = 1, batches: list | None = None) -> list[dict]:
     """Train `steps` of make_batches(), each global batch split evenly over ranks and micro-batches."""
-    loss_fn, metrics = CrossEntropyLoss(), []
+    loss_fn, metrics = SFT().loss, []  # swiftray's own SFT loss: its global-token normaliser is under test too
     batches = batches or make_batches()
     for step in steps:
         shards = split(batches[step], group.num_workers * micro_per_rank)
