@@ -394,10 +394,10 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         tp = args.vllm_tensor_parallel_size if args.use_vllm else 1
         demands.append(Demand("rollout", args.num_infer_workers or 1, tp if on_gpu else 0, 0.5))
     demands += [_demand(spec, world, on_gpu) for spec in algorithm.role_specs]
-    # RL: the policy takes half the cores; a dataset-fed run all of them but what its other roles ask for
-    # (DPO's reference), so that every role fits together on one machine.
-    others = 0.0 if rl else sum(d.num_workers * d.num_cpus for d in demands)
-    policy_cpus = args.num_cpus_per_worker or max(0.5, round((cores * (0.5 if rl else 1.0) - others) / world, 2))
+    # RL: the policy takes half the cores, a dataset-fed run all of them, but never what its other roles
+    # ask for (DPO's reference, PPO's critic and engines), so that every role fits on one machine.
+    others = sum(d.num_workers * d.num_cpus for d in demands)
+    policy_cpus = args.num_cpus_per_worker or max(0.5, round(min(cores * (0.5 if rl else 1.0), cores - others) / world, 2))
     layout = lay_out(cluster, Demand("policy", world, 1 if on_gpu else 0, policy_cpus), demands)
     colocated = "rollout" in layout.colocated or (rl and not on_gpu)
     async_generate = rl and args.async_generate

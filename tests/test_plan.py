@@ -119,6 +119,14 @@ def test_cpu_plan_fits_every_role_on_a_small_machine(tiny_model_dir):
     assert asynchronous.step.mode == "async" and asynchronous.role("policy").threads_share == 0.25
 
 
+def test_ppo_roles_fit_a_two_core_machine(tiny_model_dir):
+    # PPO adds a critic beside the policy: the policy's share must leave the other roles their CPUs.
+    plan = rlhf_plan(tiny_model_dir, Cluster((Node(2, 0),), "test"), "--rlhf_type", "ppo", "--reward_funcs",
+                     "accuracy", nproc=1)
+    asked = sum(sum(b["CPU"] for b in bundles) for bundles in plan.groups.values())
+    assert plan.role("critic") is not None and asked <= 2
+
+
 def test_steps_per_generation_splits_a_generation_into_optimizer_steps(tiny_model_dir):
     cpu = Cluster((Node(4, 0),), "test")
     plan = rlhf_plan(tiny_model_dir, cpu, "--per_device_train_batch_size", "4", "--num_generations", "4",
