@@ -74,15 +74,18 @@ def rl_flags(method: str, noise: bool, opts: argparse.Namespace) -> list[str]:
             "--num_generations", "8", "--beta", "0.0", *rewards]
 
 
-def cached_run(record: Path, flags: list[str], measure) -> dict:
+def cached_run(record: Path, flags: list[str], measure, recorded_only: bool = False) -> dict | None:
     """Train with `flags` and measure the checkpoint; the record (flags, figures, minutes, load, time) is
-    kept in WORK, and a later invocation with the very same flags reuses it instead of training again."""
+    kept in WORK, and a later invocation with the very same flags reuses it instead of training again.
+    recorded_only: never train; None when there is no such record."""
     from swiftray.controller import run_rlhf
 
     if record.exists():
         saved = json.loads(record.read_text())
         if saved["flags"] == flags:
             return {**saved, "reused": True}
+    if recorded_only:
+        return None
     start = time.time()
     ckpt = last_checkpoint(run_rlhf(parse_args(RlhfArguments, flags)))
     minutes = round((time.time() - start) / 60, 2)
@@ -161,7 +164,7 @@ def heldout_divergence(teacher_logps: list, student: Path, pairs: list[tuple[lis
 # ---------------------------------------------------------------------------------------- a seed
 
 
-def run_seed(seed: int, opts: argparse.Namespace) -> dict:
+def run_seed(seed: int, opts: argparse.Namespace) -> dict | None:
     from swiftray.models.tiny import make_tiny_model
 
     work = Path(opts.work_dir) / f"seed{seed}"
@@ -174,6 +177,8 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
     if done.exists():
         saved = json.loads(done.read_text())
         sft, curve = Path(saved["checkpoint"]), saved["curve"]
+    elif opts.recorded_only:
+        return None
     else:
         sft, curve = sft_until(model_dir, work, sft_opts)
         done.write_text(json.dumps({"checkpoint": str(sft), "curve": curve}))
@@ -190,24 +195,32 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
             name = f"{method}{'_control' if noise else ''}"
             flags = rl_flags(method, noise, opts) + common(sft, work / name, seed, steps, lr)
             got = cached_run(work / f"{name}.json", flags,
-                             lambda ckpt: {"accuracy": heldout_accuracy(ckpt, TEST, HELDOUT, MAX_NEW_TOKENS)})
+                             lambda ckpt: {"accuracy": heldout_accuracy(ckpt, TEST, HELDOUT, MAX_NEW_TOKENS)},
+                             opts.recorded_only)
+            if got is None:
+                continue
             result[name] = {**got, "steps": steps, "lr": lr}
             print(f"\n== seed {seed} {name}: held-out {before:.1%} -> {got['accuracy']:.1%} "
                   f"({got['minutes']} min)\n", flush=True)
 
-    if "gkd" in opts.methods:
-        result["gkd"] = run_gkd(seed, sft, int(curve[-1][0]), work, opts)
+    gkd = run_gkd(seed, sft, int(curve[-1][0]), work, opts) if "gkd" in opts.methods else None
+    if gkd and "distilled" in gkd:
+        result["gkd"] = gkd
     result["load_end"] = [round(x, 2) for x in os.getloadavg()]
     result["minutes"] = round((time.time() - start) / 60, 1)
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def run_gkd(seed: int, student: Path, stop_step: int, work: Path, opts: argparse.Namespace) -> dict:
+def run_gkd(seed: int, student: Path, stop_step: int, work: Path, opts: argparse.Namespace) -> dict | None:
+    if opts.recorded_only and not (work / "gkd_distilled.json").exists():
+        return None  # spares the teacher's evaluations when there is no GKD run to report
     record = work / "teacher_checkpoint.json"
     saved = json.loads(record.read_text()) if record.exists() else {}
     if saved.get("steps") == stop_step + opts.teacher_extra_steps:
         teacher = Path(saved["checkpoint"])
+    elif opts.recorded_only:
+        return None
     else:
         teacher = train_teacher(student, stop_step, work, seed, opts.teacher_extra_steps)
         record.write_text(json.dumps({"checkpoint": str(teacher), "steps": stop_step + opts.teacher_extra_steps}))
@@ -222,9 +235,12 @@ def run_gkd(seed: int, student: Path, stop_step: int, work: Path, opts: argparse
         flags = ["--rlhf_type", "gkd", "--teacher_model", str(target), "--per_device_train_batch_size", "32",
                  "--lmbda", str(opts.gkd_lmbda)]
         flags += common(student, work / f"gkd_{name}", seed, opts.steps["gkd"], opts.lr["gkd"])
-        out[name] = cached_run(work / f"gkd_{name}.json", flags, lambda ckpt: {
+        got = cached_run(work / f"gkd_{name}.json", flags, lambda ckpt: {
             "accuracy": heldout_accuracy(ckpt, TEST, HELDOUT, MAX_NEW_TOKENS),
-            "divergence": heldout_divergence(teacher_logps, ckpt, pairs)})
+            "divergence": heldout_divergence(teacher_logps, ckpt, pairs)}, opts.recorded_only)
+        if got is None:
+            continue
+        out[name] = got
         print(f"\n== seed {seed} gkd {name}: {out[name]} (student before: {out['student_accuracy']:.1%}, "
               f"KL {out['student_divergence']:.4f}; teacher {out['teacher_accuracy']:.1%})\n", flush=True)
     return out
@@ -248,8 +264,8 @@ TITLES = {"rloo": "GRPO, `--advantage_estimator rloo`",
 
 def render(results: list[dict], opts: argparse.Namespace, command: str, started: str) -> str:
     lines = ["# RL algorithm learning runs: PPO, RLOO, REINFORCE++, GKD", "",
-             f"Written by `scripts/rl_algorithms_learning.py` from the data of one run, started {started}:", "",
-             f"    {command}", "",
+             f"Written by `scripts/rl_algorithms_learning.py` (started {started}) from the runs recorded under its work folder:", "",
+             f"    {command}", "", *([opts.note, ""] if opts.note else []),
              "On the development machine: 2 CPU cores shared with other engineers' jobs, so the minutes are "
              "upper bounds. Load average (1, 5, 15 min) at the start and end of each seed in this invocation: "
              + "; ".join(f"seed {r['seed']}: {r['load_start']} -> {r['load_end']}" for r in results) + ".", "",
@@ -262,6 +278,17 @@ def render(results: list[dict], opts: argparse.Namespace, command: str, started:
              "`accuracy format`; PPO: " f"{opts.ppo_prompts} prompts x 1 completion a step, "
              f"`--num_ppo_epochs {opts.ppo_epochs}` (one optimizer step each), `--kl_coef {opts.ppo_kl_coef}`, "
              "the other PPO flags at their defaults. Steps are generation steps; learning rates constant.", ""]
+    lines += ["## SFT checkpoints (every run's start)", "", "| seed | SFT stop (steps, `easy_val`) | held-out after SFT |",
+              "| --- | --- | --- |"]
+    lines += [f"| {r['seed']} | {r['sft_curve'][-1][0]}, {pct(r['sft_curve'][-1][1])} | {pct(r['sft_accuracy'])} |"
+              for r in results]
+    missing = [f"{r['seed']} {name}" for r in results for m in opts.methods
+               for name in ((m, f"{m}_control") if m in RL_METHODS else ("gkd distilled", "gkd control"))
+               if (name not in r if m in RL_METHODS else name.split()[1] not in r.get("gkd", {}))]
+    if missing:
+        lines += ["", "Not run (no record under the work folder when this page was written): "
+                  + ", ".join(missing) + "."]
+    lines.append("")
     for method in RL_METHODS:
         if not any(method in r for r in results):
             continue
@@ -323,7 +350,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
     p.add_argument("--methods", nargs="+", default=[*RL_METHODS, "gkd"], choices=[*RL_METHODS, "gkd"])
     p.add_argument("--sft_target", type=float, default=0.3)
-    p.add_argument("--steps", type=json.loads, default={"rloo": 100, "reinforce_plus_plus": 100, "ppo": 60,
+    p.add_argument("--steps", type=json.loads, default={"rloo": 40, "reinforce_plus_plus": 40, "ppo": 30,
                                                         "gkd": 60},
                    help='JSON: generation steps per method, e.g. \'{"ppo": 100}\'')
     p.add_argument("--lr", type=json.loads, default={"rloo": 1e-4, "reinforce_plus_plus": 1e-4, "ppo": 1e-4,
@@ -335,13 +362,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--teacher_extra_steps", type=int, default=200, help="GKD: the teacher's SFT steps past the student's")
     p.add_argument("--gkd_lmbda", type=float, default=0.5, help="GKD: --lmbda")
     p.add_argument("--gkd_control", type=int, default=1, help="GKD: also run the self-distillation control (0: no)")
+    p.add_argument("--recorded_only", action="store_true",
+                   help="train nothing: report the SFT checkpoints and the runs already recorded under --work_dir")
+    p.add_argument("--note", default="", help="a paragraph for the page's head (e.g. why some runs are missing)")
     p.add_argument("--write_doc", action="store_true", help="write docs/rl_algorithms_runs.md from the results")
     opts = p.parse_args(argv)
     defaults = {a.dest: a.default for a in p._actions}
     opts.steps, opts.lr = {**defaults["steps"], **opts.steps}, {**defaults["lr"], **opts.lr}
     started = now()
     command = "python scripts/rl_algorithms_learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = [run_seed(seed, opts) for seed in opts.seeds]
+    results = [r for r in (run_seed(seed, opts) for seed in opts.seeds) if r is not None]
     print(json.dumps(results, indent=2))
     Path(opts.work_dir, "results.json").write_text(json.dumps(results, indent=2))
     if opts.write_doc:
