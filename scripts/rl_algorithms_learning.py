@@ -20,7 +20,9 @@ For each seed, as scripts/demo.py does first:
          the teacher's greedy answers to the 300 held-out prompts (temperature 1).
 
 Results go to WORK/results.json and, with --write_doc, to docs/rl_algorithms_runs.md.
-Run: `python scripts/rl_algorithms_learning.py --seeds 42 7 --write_doc`.
+Run: `python scripts/rl_algorithms_learning.py --seeds 42 7 --write_doc`. Each run's record is kept under
+--work_dir and reused by a later invocation with the same flags, so an interrupted invocation resumes at
+the first missing run; `--recorded_only --write_doc` writes the page from the records without training.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -193,6 +196,8 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict | None:
         steps, lr = opts.steps[method], opts.lr[method]
         for noise in (False, True):
             name = f"{method}{'_control' if noise else ''}"
+            if opts.only and name not in opts.only:
+                continue
             flags = rl_flags(method, noise, opts) + common(sft, work / name, seed, steps, lr)
             got = cached_run(work / f"{name}.json", flags,
                              lambda ckpt: {"accuracy": heldout_accuracy(ckpt, TEST, HELDOUT, MAX_NEW_TOKENS)},
@@ -364,13 +369,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--gkd_control", type=int, default=1, help="GKD: also run the self-distillation control (0: no)")
     p.add_argument("--recorded_only", action="store_true",
                    help="train nothing: report the SFT checkpoints and the runs already recorded under --work_dir")
+    p.add_argument("--only", nargs="*", default=[], help="run only these RL runs, e.g. rloo_control")
     p.add_argument("--note", default="", help="a paragraph for the page's head (e.g. why some runs are missing)")
     p.add_argument("--write_doc", action="store_true", help="write docs/rl_algorithms_runs.md from the results")
     opts = p.parse_args(argv)
     defaults = {a.dest: a.default for a in p._actions}
     opts.steps, opts.lr = {**defaults["steps"], **opts.steps}, {**defaults["lr"], **opts.lr}
     started = now()
-    command = "python scripts/rl_algorithms_learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python scripts/rl_algorithms_learning.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if opts.note:
+        command = command.replace(shlex.quote(opts.note), "'<the paragraph below>'")
     results = [r for r in (run_seed(seed, opts) for seed in opts.seeds) if r is not None]
     print(json.dumps(results, indent=2))
     Path(opts.work_dir, "results.json").write_text(json.dumps(results, indent=2))
