@@ -150,3 +150,24 @@ def test_a_step_with_every_completion_overlong_has_zero_loss_and_gradient(loss_t
     loss, _ = algo.loss(logprobs, micro, num_tokens_global=0)  # what the policy counts: no loss tokens
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logprobs.grad, torch.zeros_like(logprobs))
+
+
+def test_bnpo_step_is_the_mean_of_its_micro_batches_token_means():
+    """bnpo averages over each micro-batch's loss tokens; the policy sums a step's micro-batch losses,
+    so each must come divided by their number (float64 restatement on the same rows)."""
+    batch = make_batch([2, 2, 2, 2], [1, 3, 2, 4], [False] * 4, [0.0, 1.0, 0.5, 2.0], group_size=2)
+    algo = GRPO(num_generations=2, beta=0.0, loss_type="bnpo", max_completion_length=4)
+    [micros] = split_for_ranks(algo.make_experience(batch, PAD), world_size=1, micro_batch_size=2)
+    assert len(micros) == 2
+    step_loss, token_means = 0.0, []
+    for micro in micros:
+        mask = micro["labels"][:, 1:] != -100
+        logprobs = torch.zeros(mask.shape, requires_grad=True)  # ratio 1 against old log-probs of 0
+        micro = {**micro, "old_logprobs": torch.zeros(mask.shape)}
+        loss, _ = algo.loss(logprobs, micro, num_tokens_global=int(mask.sum()))
+        step_loss += loss.item()
+        advantages = micro["advantages"].double()
+        per_token = advantages if advantages.dim() == 2 else advantages[:, None].expand(mask.shape)
+        token_means.append(float(-(per_token * mask).sum() / mask.sum()))
+    assert any(abs(m) > 1e-3 for m in token_means)
+    assert step_loss == pytest.approx(sum(token_means) / len(token_means), rel=1e-6)
