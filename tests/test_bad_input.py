@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import ray
 
 from swiftray.cli import main
 
@@ -316,6 +315,14 @@ def test_bad_input_is_refused_before_anything_starts(case, corpus, tiny_model_di
         monkeypatch.delenv(name, raising=False)
     for name, value in case.env.items():
         monkeypatch.setenv(name, value)
+    started = []  # the session's Ray may already run (other tests): watch for a start instead
+
+    def no_ray(*args, **kwargs):
+        started.append(args)
+        raise AssertionError("Ray was started before the bad input was refused")
+
+    for module in ("swiftray.cluster", "swiftray.controller.common", "swiftray.megatron.sft"):
+        monkeypatch.setattr(f"{module}.init_ray", no_ray)
     out = tmp_path / "out"
     before = digest(corpus, tiny_model_dir)
     capsys.readouterr()
@@ -326,7 +333,7 @@ def test_bad_input_is_refused_before_anything_starts(case, corpus, tiny_model_di
     assert not out.exists(), f"{out} was created: {list(out.rglob('*'))}"
     assert digest(corpus, tiny_model_dir) == before  # no checkpoint, model or data file touched
     assert not (corpus / "PICKLE_RAN").exists()  # no pickle was loaded
-    assert not ray.is_initialized()
+    assert not started
 
 
 @pytest.mark.parametrize("case_id", SUBPROCESS_CASES)
