@@ -150,9 +150,11 @@ def single(ray_cluster):  # noqa: F811
     group.shutdown()
 
 
-def run_steps(group: ActorGroup, steps: range, micro_per_rank: int = 1, batches: list | None = None) -> list[dict]:
-    """Train `steps` of make_batches(), each global batch split evenly over ranks and micro-batches."""
-    loss_fn, metrics = SFT().loss, []  # swiftray's own SFT loss: its global-token normaliser is under test too
+def run_steps(group: ActorGroup, steps: range, micro_per_rank: int = 1, batches: list | None = None,
+              loss_fn=None) -> list[dict]:
+    """Train `steps` of make_batches(), each global batch split evenly over ranks and micro-batches;
+    by default with swiftray's own SFT loss, so that its global-token normaliser is under test too."""
+    loss_fn, metrics = loss_fn or SFT().loss, []
     batches = batches or make_batches()
     for step in steps:
         shards = split(batches[step], group.num_workers * micro_per_rank)
@@ -264,7 +266,7 @@ def test_one_rank_accumulation_matches_full_batch(single, model_dir, reference, 
     assert evaluated["loss"] == pytest.approx(reference["loss"][0], rel=1e-5)
     assert evaluated["token_acc"] == pytest.approx(reference["acc0"])
 
-    metrics = run_steps(single, range(STEPS), micro_per_rank=micro_batches)
+    metrics = run_steps(single, range(STEPS), micro_per_rank=micro_batches, loss_fn=CrossEntropyLoss())
     torch.testing.assert_close([m["loss"] for m in metrics], reference["loss"], rtol=1e-5, atol=0)
     torch.testing.assert_close([m["grad_norm"] for m in metrics], reference["grad_norm"], rtol=1e-5, atol=0)
     # loss_fn metrics are averaged over micro-batches: sum of NLL / micro-batches
