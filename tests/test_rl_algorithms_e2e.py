@@ -64,20 +64,23 @@ def test_ppo_resume_reaches_the_same_policy_and_critic_losses(ray_cluster, tiny_
 
 @pytest.mark.slow
 def test_ppo_with_a_reward_model_beside_rule_rewards(ray_cluster, tiny_model_dir, tmp_path):  # noqa: F811
+    from transformers import AutoTokenizer
+
     from swiftray.models.reward_model import load_reward_model, save_reward_model
 
     reward_model = load_reward_model(str(tiny_model_dir), seed=5)
     with torch.no_grad():
         reward_model.score.weight.normal_(std=0.5)
-    save_reward_model(reward_model, str(tmp_path / "rm"))
+    # The reward model scores the policy's token ids: it ships the policy's tokenizer (which the plan checks).
+    save_reward_model(reward_model, str(tmp_path / "rm"), tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
     run_dir = run(tmp_path / "out", tiny_model_dir, "--rlhf_type", "ppo", "--reward_funcs", "format",
                   "--reward_model", str(tmp_path / "rm"), "--reward_weights", "1", "0.5", "--num_ppo_epochs", "1",
                   "--max_steps", "1", "--log_completions", "true", "--per_device_train_batch_size", "4")
     train, rows = read_run(run_dir)
     assert len(rows) == 4 and len({r["rm"] for r in rows}) == 4  # the model scored each completion
     for row in rows:
-        assert row["reward"] == pytest.approx(row["format"] + 0.5 * row["reward_model"], abs=1e-5)
-    assert "train/rewards/reward_model/mean" in train[0]
+        assert row["reward"] == pytest.approx(row["format"] + 0.5 * row["rm"], abs=1e-5)
+    assert "train/rewards/rm/mean" in train[0]  # named by its folder
 
 
 def rloo64(rewards: list[float], k: int) -> list[float]:
