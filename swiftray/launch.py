@@ -23,6 +23,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ NAMESPACE = "swiftray"
 STATUS_KEY = b"run_status"
 NODES_TIMEOUT_S = float(os.environ.get("SWIFTRAY_NODES_TIMEOUT_S", "600"))
 HEAD_LOST_S = 60.0
+NODE_START_TRIES = 3  # a node's `ray start` can lose a port it picked to another process starting at once
 
 
 def multi_node(args: Any) -> bool:
@@ -69,9 +71,18 @@ def _ray_start(*flags: str) -> subprocess.Popen:
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "token")
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
-                             *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    output = tempfile.TemporaryFile("w+")  # read back only to explain a node that stopped
+    proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+                             *flags], env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.output = output  # type: ignore[attr-defined]
+    return proc
+
+
+def _last_lines(proc: subprocess.Popen, n: int = 5) -> str:
+    """The end of what a stopped `ray start` printed."""
+    output = proc.output  # type: ignore[attr-defined]
+    output.seek(0)
+    return "\n".join(output.read().strip().splitlines()[-n:])
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -185,10 +196,16 @@ def _serve(address: str, rank: int) -> int:
                     return 1
                 time.sleep(2)
         logger.info("NODE_RANK %d: joined %s; waiting for the run to end", rank, address)
-        unreachable_since = None
+        unreachable_since, starts = None, 1
         while True:
             if node.poll() is not None:
-                logger.error("NODE_RANK %d: this node's Ray stopped (exit %s)", rank, node.returncode)
+                if starts < NODE_START_TRIES and _listening(address):
+                    logger.warning("NODE_RANK %d: this node's Ray stopped (exit %s); starting it again:\n%s",
+                                   rank, node.returncode, _last_lines(node))
+                    node, starts = _ray_start(f"--address={address}"), starts + 1
+                    continue
+                logger.error("NODE_RANK %d: this node's Ray stopped (exit %s):\n%s", rank, node.returncode,
+                             _last_lines(node))
                 return 1
             try:
                 status = _status(address) if _listening(address) else None

