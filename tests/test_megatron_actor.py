@@ -127,7 +127,6 @@ def runs(groups, models):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind,layout", LAYOUTS, ids=IDS)
 def test_two_ranks_match_one_rank(runs, kind, layout):
     reference = runs[kind, 1, "{}"]["metrics"]

@@ -96,7 +96,6 @@ def test_other_nodes_leave_the_run_to_node_zero(tiny_moe, monkeypatch, tmp_path)
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
 
-@pytest.mark.slow
 def test_reference_megatron_sft_script_runs(tiny_moe, tmp_path, ray_cluster):  # noqa: F811
     hf, _ = tiny_moe
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -127,7 +126,6 @@ def test_reference_megatron_sft_script_runs(tiny_moe, tmp_path, ray_cluster):  #
     assert any(not torch.equal(before.get(k), after.get(k)) for k in before.keys())
 
 
-@pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_with_the_same_losses(tiny_model_dir, tmp_path, monkeypatch,
                                                                  ray_cluster):  # noqa: F811
     """`--load checkpoint-N --finetune false`: iteration, optimizer, RNG and data position come back."""

@@ -174,7 +174,6 @@ def megatron_grpo_run(ray_cluster, tiny_moe, tmp_path_factory):  # noqa: F811
         mp.undo()
 
 
-@pytest.mark.slow
 def test_megatron_grpo_trains_two_steps(megatron_grpo_run: Path):
     run = megatron_grpo_run
     assert (run.parent / "tiny-qwen3-moe-mcore-hf" / "config.json").is_file()  # --load converted for the engines
@@ -193,7 +192,6 @@ def test_megatron_grpo_trains_two_steps(megatron_grpo_run: Path):
     assert convert.is_mcore_dir(last) and (last / "train_state" / "rank_1.json").is_file()
 
 
-@pytest.mark.slow
 def test_rollout_logprobs_equal_the_megatron_policy_after_every_sync(megatron_grpo_run: Path):
     gaps = SyncCheckingStep.gaps
     assert sorted(gaps) == [0, 1, 2]  # the start, then once per step

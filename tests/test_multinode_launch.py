@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -26,9 +28,17 @@ def node_ip() -> str:
 
 
 def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768 up): a port the kernel handed out would be free
+    only until some outgoing connection of the busy test machine takes it, and a Ray node that then binds
+    it dies with "Address already in use". Above Ray's worker ports (10002-19999)."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind((ip, port))
+            except OSError:
+                continue
+            return port
 
 
 def node_ports(ip: str, head: bool) -> str:
@@ -42,6 +52,17 @@ def cluster_processes(address: str) -> list[str]:
     """Ray processes (GCS server, raylets) of the cluster at `address`."""
     out = subprocess.run(["pgrep", "-af", address], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "gcs_server" in line or "raylet" in line]
+
+
+def stop_cluster(ip: str, port: int) -> None:
+    """SIGKILL what is left of the cluster at ip:port (after a failure: the nodes' `ray start` processes
+    run in sessions of their own, so killing a launch leaves them behind to disturb the next tests)."""
+    out = subprocess.run(["pgrep", "-f", f"{ip}:{port}|--port={port} "], capture_output=True, text=True).stdout
+    for pid in map(int, out.split()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_same_command_on_three_nodes_runs_one_job(tiny_model_dir, tmp_path):
@@ -58,20 +79,23 @@ def test_same_command_on_three_nodes_runs_one_job(tiny_model_dir, tmp_path):
            "SWIFTRAY_NODES_TIMEOUT_S": "300",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "SWIFTRAY_NO_PROGRESS": "1"}
     env.pop("RAY_ADDRESS", None)
-    procs = {}
+    procs, logs = {}, {rank: tmp_path / f"node{rank}.log" for rank in (0, 1, 2)}
     for rank in (1, 2, 0):  # the other nodes first: they wait for the head
-        procs[rank] = subprocess.Popen(command, env={**env, "NODE_RANK": str(rank),
-                                                     "SWIFTRAY_RAY_START_ARGS": node_ports(ip, head=rank == 0)},
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        # Output to files, not pipes: a pipe nobody reads yet fills up and blocks its writer mid-run.
+        with logs[rank].open("w") as log:
+            procs[rank] = subprocess.Popen(command, env={**env, "NODE_RANK": str(rank),
+                                                         "SWIFTRAY_RAY_START_ARGS": node_ports(ip, head=rank == 0)},
+                                           stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
         time.sleep(1 if rank else 0)
-    outputs = {}
     try:
-        for rank, proc in procs.items():
-            outputs[rank] = proc.communicate(timeout=900)[0]
+        for proc in procs.values():
+            proc.wait(timeout=900)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
+                stop_cluster(ip, port)
+    outputs = {rank: log.read_text(errors="replace") for rank, log in logs.items()}
     every_output = "\n".join(f"--- NODE_RANK {rank}:\n{outputs[rank][-2500:]}" for rank in sorted(outputs))
     assert [procs[rank].returncode for rank in (0, 1, 2)] == [0, 0, 0], every_output
     assert "NNODES=3: every node joined" in outputs[0]
@@ -124,6 +148,9 @@ def test_ray_start_on_three_nodes_then_ray_job_submit(tiny_model_dir, tmp_path):
              "--num_cpus_per_worker", "1.5", "--output_dir", str(out)],
             env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
         assert "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-4000:]
+    except BaseException:
+        stop_cluster(ip, port)
+        raise
     finally:
         for node in reversed(nodes):
             _stop(node)

@@ -151,7 +151,6 @@ def first_step_loss(pairs: list[dict], model_dir) -> float:
     return math.log(2) + 0.5 * (1 / (2 * 0.1)) ** 2 + 0.5 * nll / tokens
 
 
-@pytest.mark.slow
 def test_two_rank_ddp_and_zero3_give_one_ranks_dpo_losses(pairs, reference, one_rank, two_ranks, tiny_model_dir,
                                                           tiny_tokenizer):
     pad = tiny_tokenizer.pad_token_id
@@ -169,7 +168,6 @@ def test_two_rank_ddp_and_zero3_give_one_ranks_dpo_losses(pairs, reference, one_
         assert [m["rewards/accuracies"] for m in metrics] == [m["rewards/accuracies"] for m in single]
 
 
-@pytest.mark.slow
 def test_the_score_head_trains_and_saves_a_sequence_classifier(pairs, one_rank, tiny_model_dir, tiny_tokenizer,
                                                                tmp_path):
     from transformers import AutoModelForSequenceClassification

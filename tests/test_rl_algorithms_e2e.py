@@ -62,7 +62,6 @@ def test_ppo_resume_reaches_the_same_policy_and_critic_losses(ray_cluster, tiny_
                                        "train/objective/rlhf_reward", "train/iter2/loss"))
 
 
-@pytest.mark.slow
 def test_ppo_with_a_reward_model_beside_rule_rewards(ray_cluster, tiny_model_dir, tmp_path):  # noqa: F811
     from transformers import AutoTokenizer
 
@@ -101,7 +100,6 @@ def reinforce_pp64(rewards: list[float], k: int) -> list[float]:
     return [c / (std + 1e-4) for c in centred]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("estimator,formula", [("rloo", rloo64), ("reinforce_plus_plus", reinforce_pp64)])
 def test_estimator_advantages_in_a_run_equal_the_formula_on_the_logged_rewards(ray_cluster, tiny_model_dir,  # noqa: F811
                                                                                tmp_path, estimator, formula):
@@ -117,7 +115,6 @@ def test_estimator_advantages_in_a_run_equal_the_formula_on_the_logged_rewards(r
         assert line["train/advantage/abs_mean"] == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.slow
 def test_kl_in_reward_moves_the_kl_from_the_loss_into_the_reward(ray_cluster, tiny_model_dir, tmp_path):  # noqa: F811
     train, _ = read_run(run(tmp_path, tiny_model_dir, "--rlhf_type", "grpo", "--advantage_estimator", "rloo",
                             "--beta", "0.5", "--num_generations", "4", "--reward_funcs", "format"))
@@ -129,7 +126,6 @@ def test_kl_in_reward_moves_the_kl_from_the_loss_into_the_reward(ray_cluster, ti
     assert train[1]["train/reward"] == 0.0 and train[1]["train/advantage/abs_mean"] > 0
 
 
-@pytest.mark.slow
 def test_gkd_steps_follow_lmbda_and_train_on_the_divergence(ray_cluster, tiny_model_dir, tmp_path):  # noqa: F811
     from swiftray.models.tiny import make_tiny_model
 
