@@ -146,6 +146,13 @@ MUTATIONS = [
       "if False]", ("tests/test_flags.py::test_compatibility_flags_print_their_reason_and_change_nothing",)),
     M("model_name_not_planned", "swiftray/plan.py", "tuple(args.model_name) if args.model_name else None,", "None,",
       ("tests/test_flags.py::test_every_field_changes_the_plan_or_is_listed",)),
+    # --- Megatron: the reductions over data- and tensor-parallel ranks
+    M("megatron_tokens_not_summed_over_dp", "swiftray/actors/megatron_policy.py",
+      "dist.all_reduce(tokens, group=ps.get_data_parallel_group())", "tokens = tokens * 1",
+      ("tests/test_megatron_actor.py::test_two_ranks_match_one_rank",)),
+    M("megatron_entropy_not_summed_over_tp", "swiftray/megatron/batch.py",
+      "dist.all_reduce(sums, group=tp_group)", "sums = sums * 1",
+      ("tests/test_megatron_actor.py",)),
 ]
 
 
