@@ -10,6 +10,8 @@
 
 Run: `python scripts/demo.py` (or `bash scripts/demo.sh`, which sets up first).
 `--noise_reward` swaps the reward for random noise: the control that must show no gain.
+`--rollout_dtype bfloat16 --rollout_importance_sampling_mode token_truncate`: GRPO with a bf16 rollout
+engine beside the fp32 policy, corrected by truncated importance sampling.
 """
 
 from __future__ import annotations
@@ -101,6 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--sft_checkpoint", default=None, help="skip SFT and start GRPO from this checkpoint")
     p.add_argument("--noise_reward", action="store_true", help="control: reward replaced by random noise")
+    p.add_argument("--rollout_dtype", choices=("bfloat16", "float16", "float32"),
+                   help="GRPO: the rollout engine's dtype (the policy stays float32)")
+    p.add_argument("--rollout_importance_sampling_mode",
+                   choices=("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+                   help="GRPO: correct the engine's mismatch with the policy by importance sampling")
     opts = p.parse_args(argv)
     work = Path(opts.work_dir)
     start = time.time()
@@ -126,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.noise_reward:
         rewards = ["demo_noise"]
         plugin_args = ["--external_plugins", str(Path(__file__).with_name("plugins") / "noise_reward.py")]
+    for flag in ("rollout_dtype", "rollout_importance_sampling_mode"):
+        if getattr(opts, flag):
+            plugin_args += [f"--{flag}", getattr(opts, flag)]
     grpo_args = parse_args(RlhfArguments, [
         "--rlhf_type", "grpo", "--model", str(sft_ckpt), "--train_type", "full",
         "--dataset", "swiftray/arithmetic:easy_train", "--max_steps", str(opts.grpo_steps),
@@ -141,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     after = heldout_accuracy(last_checkpoint(grpo_run), test, 300, 48)
     result = {"seed": opts.seed, "sft_validation_curve": sft_curve, "accuracy_after_sft": before,
               "accuracy_after_grpo": after, "gain_points": round(100 * (after - before), 1),
-              "noise_reward": opts.noise_reward, "minutes": round((time.time() - start) / 60, 2),
+              "noise_reward": opts.noise_reward, "rollout_dtype": opts.rollout_dtype,
+              "rollout_importance_sampling_mode": opts.rollout_importance_sampling_mode, "minutes": round((time.time() - start) / 60, 2),
               "reward_curve": str(grpo_run / "images" / "train_reward.png")}
     print(f"\n== held-out greedy accuracy on {test}: after SFT {before:.1%} -> after GRPO {after:.1%} "
           f"({result['gain_points']:+.1f} points) in {result['minutes']} min", flush=True)

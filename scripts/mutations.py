@@ -153,6 +153,12 @@ MUTATIONS = [
     M("megatron_entropy_not_summed_over_tp", "swiftray/megatron/batch.py",
       "dist.all_reduce(sums, group=tp_group)", "sums = sums * 1",
       ("tests/test_megatron_actor.py",)),
+    # --- rollout correction and the elastic pool
+    M("rollout_is_weights_ignored", "swiftray/algorithms/grpo_math.py", "per_token = per_token * is_weights",
+      "per_token = per_token * 1", ("tests/test_rollout_correction.py::test_weights_scale_the_policy_gradient_term_only",)),
+    M("engines_never_yield_room", "swiftray/controller/supervision.py",
+      'can_yield = role != "rollout" and self._spare_engines() > 0', "can_yield = False",
+      ("tests/test_faults_unit.py",)),
 ]
 
 

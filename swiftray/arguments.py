@@ -266,6 +266,15 @@ class RlhfArguments(SftArguments, GenerationArguments):
     offload_optimizer: bool = arg(False, "move the optimizer state off the GPU while generating")
     gc_collect_after_offload: bool = arg(False, "run gc and empty the CUDA cache after offloading")
     async_generate: bool = arg(False, "generate the next batch while this one trains (one step off-policy)")
+    rollout_dtype: str | None = arg(None, "rollout engines' weights: bfloat16 | float16 | float32 (cast by the "
+                                          "policy before the sync); unset: the run's --torch_dtype",
+                                    choices=("bfloat16", "float16", "float32"))
+    rollout_importance_sampling_mode: str | None = arg(
+        None, "correct the rollout engines' mismatch with the policy by importance sampling (policy / engine "
+              "probability): token_truncate | token_mask | sequence_truncate | sequence_mask; unset: none",
+        choices=("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"))
+    rollout_importance_sampling_threshold: float = arg(2.0, "the cap (truncate) or cut-off (mask) of those "
+                                                            "importance weights", gt=0.0)
     log_completions: bool = arg(False, "write prompts, completions and rewards to completions.jsonl")
     rollout_batch_size: int | None = arg(None, "prompts per rollout worker call; unset: all at once", min=1)
     # Preference learning (dpo, kto, orpo, simpo, cpo) and reward models (rm); ms-swift's names and defaults.

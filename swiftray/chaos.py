@@ -185,8 +185,8 @@ class Injector:
                 injector.act(fault)
             return real_train(self, shards)
 
-        def start_actor(self, role, rank, strategy=None):
-            actor = real_replace(self, role, rank, strategy)
+        def start_actor(self, role, rank, strategy=None, **kwargs):
+            actor = real_replace(self, role, rank, strategy, **kwargs)
             injector.learn_pids([actor])
             return actor
 

@@ -289,6 +289,21 @@ def _policy_config(args: Any, dtype: str, total_optimizer_steps: int, fsdp: dict
         forward_batch_size=getattr(args, "local_rollout_forward_batch_size", 64))
 
 
+def _rollout_dtype(args: Any, algorithm: Any, dtype: str) -> str:
+    """The rollout engines' dtype (--rollout_dtype, else the run's); the rollout flags refused where
+    nothing would act on them."""
+    rollout_dtype = getattr(args, "rollout_dtype", None)
+    mode = getattr(args, "rollout_importance_sampling_mode", None)
+    if algorithm.data_source != "rollouts":
+        for flag, value in (("rollout_dtype", rollout_dtype), ("rollout_importance_sampling_mode", mode)):
+            if value is not None:
+                raise ArgumentError(f"--{flag} {value}: {algorithm.name} generates no rollouts")
+    elif mode is not None and not algorithm.uses_rollout_logprobs:
+        raise ArgumentError(f"--rollout_importance_sampling_mode {mode}: {algorithm.name} has no rollout "
+                            "correction (grpo, dapo and the GRPO estimators have)")
+    return rollout_dtype or dtype
+
+
 def _rl_batch(args: Any, world: int, num_generations: int) -> BatchPlan:
     """TRL's and ms-swift's batch arithmetic: generation_batch_size = micro x ranks x steps_per_generation
     (unset: gradient_accumulation_steps x --num_mini_batches, TRL PPO's minibatches of one generation);
@@ -365,6 +380,7 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         raise ArgumentError("--ddp_backend nccl needs GPUs; this cluster has none (gloo is the CPU backend)")
     fsdp = parse_fsdp(args.fsdp, on_gpu)
     rl = algorithm.data_source == "rollouts"
+    rollout_dtype = _rollout_dtype(args, algorithm, dtype)
     if rl:
         batch = _rl_batch(args, data_world, algorithm.num_generations)
         if args.async_generate and algorithm.max_staleness < 1:
@@ -414,6 +430,8 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
     else:
         policy_actor, data_ranks = "swiftray.actors.policy:PolicyActor", ()
         policy_config = _policy_config(args, dtype, total_optimizer_steps, fsdp, algorithm.policy_head)
+        if rollout_dtype != dtype:
+            policy_config = dataclasses.replace(policy_config, engine_dtype=rollout_dtype)
     roles = [RolePlan("policy", policy_actor, policy_config, layout.placements["policy"],
                       # roles take turns with the cores (RL; DPO: reference, then policy)
                       threads_share=share(1.0 / world) if rl or algorithm.role_specs else None,
@@ -422,7 +440,8 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         place = layout.placements["rollout"]
         tp = args.vllm_tensor_parallel_size if args.use_vllm else 1
         rollout = RolloutConfig(
-            model_dir=absolute(args.model), engine="vllm" if args.use_vllm else "hf", torch_dtype=dtype,
+            model_dir=absolute(args.model), engine="vllm" if args.use_vllm else "hf", torch_dtype=rollout_dtype,
+            return_logprobs=algorithm.uses_rollout_logprobs or rollout_dtype != dtype,
             attn_impl=args.attn_impl, seed=args.seed,
             vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization, vllm_max_model_len=args.vllm_max_model_len,
             vllm_tensor_parallel_size=args.vllm_tensor_parallel_size, vllm_enable_prefix_caching=args.vllm_enable_prefix_caching,

@@ -1,5 +1,6 @@
 """The fault machinery's parts without a cluster: the ledger's checks, the weight broadcast's wire format,
-the per-engine transport rule, and a reward function cut off by --reward_timeout (in a child process)."""
+the per-engine transport rule, a reward function cut off by --reward_timeout (in a child process), and
+the supervisor's choice when a lost actor finds no room."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import json
 import socket
 import threading
 
+import pytest
 import torch
 
 from swiftray.actors.collective_sync import WeightBroadcast
 from swiftray.actors.configs import RewardConfig
 from swiftray.actors.reward import RewardActor
-from swiftray.controller import ledger
+from swiftray.controller import ledger, supervision
 from swiftray.experience import RolloutBatch
 from swiftray.plan import ClusterPlan
 
@@ -129,3 +131,54 @@ def test_a_reward_function_that_hangs_is_cut_off_sample_by_sample(tmp_path):
     again = actor.annotate(RolloutBatch([[1]], [[2]], ["y"], [False], [0], {}, 0))
     assert again.reward_per_func["hangs_on_x"] == [1.0] and actor.receipt_notes()["reward_timeouts"] == []
     actor.process.stop()
+
+
+class FakeActor:
+    def __init__(self, name):
+        self.name = name
+        self._actor_id = name
+
+
+class FakeGroup:
+    def __init__(self, *names):
+        self.actors = [FakeActor(n) for n in names]
+
+
+def supervisor_without_room_until(monkeypatch, engines, min_engines, free_after_kills):
+    """A Supervisor whose cluster has room for a new actor only after `free_after_kills` kills."""
+    killed = []
+    monkeypatch.setattr(supervision.ray, "kill", lambda actor: killed.append(actor.name))
+    sup = supervision.Supervisor.__new__(supervision.Supervisor)
+    sup.roles = {"rollout": FakeGroup(*engines), "reference": FakeGroup("ref0")}
+    sup.min_engines, sup.max_restarts = min_engines, 5
+    sup.losses, sup.events, sup.engine_nodes, sup.changed = supervision.Counter(), [], {}, False
+    timeouts = []
+
+    def start(role, rank, strategy=None, timeout_s=supervision.START_TIMEOUT_S):
+        timeouts.append(timeout_s)
+        if len(killed) < free_after_kills:
+            raise RuntimeError(f"role {role!r}: no room for a new actor")
+        return FakeActor(f"new-{role}")
+
+    sup._start = start
+    return sup, killed, timeouts
+
+
+def test_an_engine_above_the_minimum_yields_its_place_to_a_lost_reference(monkeypatch):
+    # The dead reference is killed (1), finds no room, then the last engine is stopped (2) and it starts.
+    sup, killed, timeouts = supervisor_without_room_until(monkeypatch, ["e0", "e1", "e2"], 2, free_after_kills=2)
+    sup.lost("reference", sup.roles["reference"].actors[0], RuntimeError("died"))
+    assert killed == ["ref0", "e2"]
+    assert [a.name for a in sup.roles["rollout"].actors] == ["e0", "e1"]
+    assert sup.roles["reference"].actors[0].name == "new-reference"
+    assert [(e["kind"], e["role"]) for e in sup.events] == [("engine_dropped", "rollout"),
+                                                           ("actor_replaced", "reference")]
+    assert timeouts == [supervision.YIELD_AFTER_S, supervision.START_TIMEOUT_S] and sup.changed
+
+
+def test_an_engine_pool_at_its_minimum_never_yields(monkeypatch):
+    sup, killed, timeouts = supervisor_without_room_until(monkeypatch, ["e0", "e1"], 2, free_after_kills=2)
+    with pytest.raises(RuntimeError, match="no room"):
+        sup.lost("reference", sup.roles["reference"].actors[0], RuntimeError("died"))
+    assert killed == ["ref0"] and len(sup.roles["rollout"].actors) == 2
+    assert timeouts == [supervision.START_TIMEOUT_S]  # the full wait: nothing could make room

@@ -87,13 +87,17 @@ ALTERNATIVES.update({
     "cliprange": ["0.1"], "vf_coef": ["0.5"], "cliprange_value": ["0.5"], "gamma": ["0.9"], "lam": ["0.9"],
     "missing_eos_penalty": ["1.0"], "teacher_model": ["/b/teacher"], "lmbda": ["1.0"], "sft_alpha": ["0.5"],
     "gkd_logits_topk": ["16"],
+    "rollout_dtype": ["bfloat16"], "rollout_importance_sampling_mode": ["token_mask"],
+    "rollout_importance_sampling_threshold": ["3"],
 })
 # Flags an algorithm reads: the plan is compared with that algorithm's default plan.
 PPO_FLAGS = ("value_model", "num_ppo_epochs", "whiten_rewards", "kl_coef", "cliprange", "vf_coef", "cliprange_value",
              "gamma", "lam", "missing_eos_penalty")
 GKD_FLAGS = ("teacher_model", "lmbda", "sft_alpha", "gkd_logits_topk")
 CONTEXT: dict[str, list[str]] = {**{name: ["--rlhf_type", "ppo"] for name in PPO_FLAGS},
-                                 **{name: ["--rlhf_type", "gkd", "--teacher_model", "/a/teacher"] for name in GKD_FLAGS}}
+                                 **{name: ["--rlhf_type", "gkd", "--teacher_model", "/a/teacher"] for name in GKD_FLAGS},
+                                 "rollout_importance_sampling_threshold": ["--rollout_importance_sampling_mode",
+                                                                           "token_truncate"]}
 COMMANDS = {"sft": (SftArguments, []), "rlhf": (RlhfArguments, ["--reward_funcs", "accuracy"])}
 
 

@@ -1,5 +1,6 @@
 """The RL driver loop, run in-process on the tiny model: what crosses the driver, metrics, num_iterations,
-async generation and its staleness bound, dynamic sampling's counts, and the reference GRPO command.
+async generation and its staleness bound, dynamic sampling's counts, a step with a non-finite loss,
+and the reference GRPO command.
 
 Each run is small (2-3 steps, 8 completions); the module's runs share the session's Ray cluster.
 """
@@ -16,6 +17,7 @@ import pytest
 import ray
 import torch
 from _ray import REPO, ray_cluster  # noqa: F401
+from safetensors.torch import load_file
 
 from swiftray.actors.group import ActorGroup
 from swiftray.actors.policy import token_entropy
@@ -42,6 +44,17 @@ CALLS = pathlib.Path(__file__).with_suffix(".calls.jsonl")
 def varied(completions, **kwargs):
     """Different within every group of 4: the position in the group, plus a little length."""
     return [float(i % 4) + 0.01 * len(c) for i, c in enumerate(completions)]
+
+
+HUGE_CALLS = []
+
+
+@register_reward("huge_at_second_call")
+def huge_at_second_call(completions, **kwargs):
+    """`varied`, except on its second call: finite values that overflow GRPO's float32 advantages."""
+    HUGE_CALLS.append(len(completions))
+    scale = 1e300 if len(HUGE_CALLS) == 2 else 1.0
+    return [scale * (float(i % 4) + 0.01 * len(c)) for i, c in enumerate(completions)]
 
 
 @register_reward("flat_if_even")
@@ -205,6 +218,25 @@ def test_metrics_and_completions_are_logged(main_run):
         rewards = [r["reward"] for r in rows if r["step"] == step]
         assert line["train/reward"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-5)
         assert all(r["reward"] == r["varied"] for r in rows)
+
+
+def test_a_nonfinite_step_leaves_the_weights_and_the_engine_samples_on(
+        ray_cluster, tiny_model_dir, plugin, tmp_path):  # noqa: F811
+    # Step 2's rewards are finite (1e300) but overflow the float32 advantages: its loss is NaN.
+    run_dir, lines = run(tmp_path, tiny_model_dir, "--max_steps", "3", "--reward_funcs", "huge_at_second_call",
+                         "--save_strategy", "steps", "--save_steps", "1", "--log_completions", "true",
+                         plugin=plugin)
+    assert [line["train/skipped_nonfinite"] for line in lines] == [0.0, 1.0, 0.0]
+    assert not math.isfinite(lines[1]["train/loss"])
+    assert math.isfinite(lines[2]["train/loss"]) and lines[2]["train/reward"] < 4
+    weights = [load_file(run_dir / f"checkpoint-{step}" / "model.safetensors") for step in (1, 2, 3)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the skipped step changed nothing
+    assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[0])  # the next one trained
+    # The engine, synced with the unchanged weights, still samples: step 3's completions are all there.
+    rows = [json.loads(x) for x in (run_dir / "completions.jsonl").read_text().splitlines()]
+    third = [r for r in rows if r["step"] == 3]
+    assert len(third) == 8 and all(math.isfinite(r["reward"]) and r["reward"] < 4 for r in third)
+    assert [line["train/rollout/version"] for line in lines] == [0.0, 1.0, 2.0]
 
 
 def test_token_entropy_matches_float64_formula():

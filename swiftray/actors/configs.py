@@ -27,6 +27,8 @@ class RolloutConfig:
     vllm_tensor_parallel_size: int = 1
     vllm_enable_prefix_caching: bool = True
     sleep_level: int = 0  # 0 stays awake; 1 frees the KV cache while the policy trains; 2 the weights too
+    # Each completion's token log-probs under the engine's own weights go with it (rollout correction).
+    return_logprobs: bool = False
     # Colocated vLLM with tensor parallelism: the placement-group bundles (one per GPU) its workers use.
     bundle_indices: tuple[int, ...] = ()
 

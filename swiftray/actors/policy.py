@@ -86,6 +86,9 @@ class PolicyConfig:
     max_nonfinite_steps: int = 3
     # Rows per forward when annotating rollouts (--local_rollout_forward_batch_size).
     forward_batch_size: int = 64
+    # The rollout engines' dtype when it differs from torch_dtype (--rollout_dtype): weights are cast
+    # before they are sent (a bf16 engine gets half the bytes of an fp32 policy).
+    engine_dtype: str | None = None
 
     @classmethod
     def from_dict(cls, config: dict | PolicyConfig) -> PolicyConfig:
@@ -514,6 +517,9 @@ class PolicyActor(DistributedWorker):
                 from peft import get_peft_model_state_dict
 
                 state = get_peft_model_state_dict(self.backend.module, state_dict=state)
+        if self.cfg.engine_dtype is not None:
+            dtype = getattr(torch, self.cfg.engine_dtype)
+            state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
         return state
 
     def join_weight_group(self, master_addr: str, master_port: int, size: int, backend: str, epoch: int) -> None:

@@ -30,6 +30,7 @@ class RolloutActor(DistributedWorker):
         cfg = as_config(RolloutConfig, config)
         self.version = 0
         self.engine_name = cfg.engine
+        self.return_logprobs = cfg.return_logprobs
         torch.manual_seed(cfg.seed + 1000 * self.rank)
         if cfg.engine == "vllm":
             from swiftray.actors.vllm_engine import VLLMEngine
@@ -66,6 +67,11 @@ class RolloutActor(DistributedWorker):
                 columns[k].append(row[k])
         if params.from_dataset:  # what an algorithm needs to tell these steps apart (GKD's SFT term)
             batch.annotations["from_dataset"] = [True] * len(batch)
+        elif self.return_logprobs and len(batch):
+            # Scored again by the engine's model (its dtype, its kernels): what sampled them, up to the
+            # difference between a decode step and a full forward.
+            batch.annotations["rollout_logprobs"] = self.engine.completion_logprobs(batch.prompt_ids,
+                                                                                   batch.completion_ids)
         batch.timings["generate_s"] = time.time() - start
         return batch
 

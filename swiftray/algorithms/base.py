@@ -142,6 +142,9 @@ class Algorithm:
     loss_needs_logits: bool = False
     # Prompt rows keep their dataset response as `response_ids` (GKD's off-policy steps train on them).
     uses_dataset_responses: bool = False
+    # The rollout engines return each completion's token log-probs (annotations["rollout_logprobs"]): the
+    # algorithm corrects for the engines' mismatch with the policy (GRPO's rollout correction).
+    uses_rollout_logprobs: bool = False
 
     def roles(self) -> tuple[str, ...]:
         """Every role the run starts, by name."""

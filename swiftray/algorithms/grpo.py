@@ -10,6 +10,11 @@ reinforce_plus_plus) moves the KL from the loss into the reward: each reward los
 its tokens' `old - ref` log-probs before the estimator, so the policy annotates the rollouts with its
 log-probs (`annotate_with_policy`) and the loss has no KL term.
 
+Rollout correction (`--rollout_importance_sampling_mode`, rollout_correction.py): the engines return
+each completion's token log-probs, and the policy-gradient term of each token is weighted by the
+truncated (or masked) ratio of the policy's probability to the engine's. Whenever the engines return
+log-probs (also with `--rollout_dtype` alone) the mismatch is logged under `rollout_correction/`.
+
 Subclass it to change one piece, e.g. the advantage:
 
     @register_algorithm("my_grpo")
@@ -34,6 +39,7 @@ from swiftray.algorithms.advantages import (
 from swiftray.algorithms.base import Algorithm, RoleSpec, register_algorithm, single_loss_type
 from swiftray.algorithms.grpo_math import dynamic_sample_filter, policy_loss
 from swiftray.algorithms.roles import reference_role, reward_roles
+from swiftray.algorithms.rollout_correction import importance_weights, mismatch_metrics
 from swiftray.experience import RolloutBatch, completion_frame, completion_logprobs_to_tokens, sequences_batch
 
 DEFAULT_BETA = 0.04  # ms-swift's GRPO default (Shao et al. 2024)
@@ -57,6 +63,8 @@ class GRPO(Algorithm):
     max_staleness: int = 0
     advantage_estimator: str = "grpo"
     kl_in_reward: bool = False
+    rollout_is_mode: str | None = None  # --rollout_importance_sampling_mode
+    rollout_is_threshold: float = 2.0
     role_specs: tuple[RoleSpec, ...] = ()
     data_source = "rollouts"
 
@@ -75,7 +83,8 @@ class GRPO(Algorithm):
                    max_completion_length=args.max_completion_length,
                    overlong_filter=args.overlong_filter, dynamic_sample=args.dynamic_sample,
                    num_iterations=args.num_iterations, max_staleness=1 if args.async_generate else 0,
-                   role_specs=roles)
+                   rollout_is_mode=args.rollout_importance_sampling_mode,
+                   rollout_is_threshold=args.rollout_importance_sampling_threshold, role_specs=roles)
 
     @property
     def resample_filtered(self) -> bool:  # type: ignore[override]
@@ -89,6 +98,10 @@ class GRPO(Algorithm):
     @property
     def annotate_with_policy(self) -> bool:  # type: ignore[override]
         return self.kl_penalises_reward  # the penalty needs the rollout policy's log-probs
+
+    @property
+    def uses_rollout_logprobs(self) -> bool:  # type: ignore[override]
+        return self.rollout_is_mode is not None
 
     # -- experience
 
@@ -131,6 +144,9 @@ class GRPO(Algorithm):
             if batch.ref_logprobs is None:
                 raise ValueError("beta != 0 but the rollouts carry no reference log-probs")
             rows["ref_logprobs"] = completion_logprobs_to_tokens(batch.ref_logprobs, prompt_lens, width)
+        if "rollout_logprobs" in batch.annotations:  # the engines' own log-probs (rollout correction)
+            rows["rollout_logprobs"] = completion_logprobs_to_tokens(batch.annotations["rollout_logprobs"],
+                                                                     prompt_lens, width)
         return rows
 
     def experience_metrics(self, batch: RolloutBatch, rows: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -145,16 +161,33 @@ class GRPO(Algorithm):
         mask = batch["labels"][:, 1:] != -100
         # A step whose completions were all masked (e.g. all overlong) has no tokens: loss 0, not 0/0.
         global_tokens = max(1, num_tokens_global) if self.loss_type == "dapo" else None
+        weights, correction = self.rollout_correction(token_logprobs, batch, mask)
         loss, metrics = policy_loss(
             token_logprobs, batch.get("old_logprobs"), batch["advantages"], mask, loss_type=self.loss_type,
             epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=0.0 if self.kl_in_reward else self.beta,
             ref_logprobs=batch.get("ref_logprobs"), max_completion_length=self.max_completion_length,
             num_sequences_global=int(batch["num_sequences_global"]), num_tokens_global=global_tokens,
-            entropies=batch.get("entropies"))
+            entropies=batch.get("entropies"), is_weights=weights)
+        metrics.update(correction)
         if self.loss_type == "bnpo":
             # bnpo averages over each micro-batch's tokens; the step sums micro-batches, so divide by their count.
             loss = loss / int(batch["num_micro_batches_global"])
         return loss, metrics
+
+    def rollout_correction(self, token_logprobs: torch.Tensor, batch: dict[str, Any],
+                           mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The importance weights of --rollout_importance_sampling_mode (None without it) and the
+        engines' mismatch metrics, when the rollouts carry the engines' log-probs."""
+        if "rollout_logprobs" not in batch:
+            return None, {}
+        old = batch.get("old_logprobs")
+        old = token_logprobs.detach() if old is None else old  # on-policy: the policy at the step's start
+        metrics = mismatch_metrics(old, batch["rollout_logprobs"], mask)
+        if self.rollout_is_mode is None:
+            return None, metrics
+        weights, is_metrics = importance_weights(old, batch["rollout_logprobs"], mask, self.rollout_is_mode,
+                                                 self.rollout_is_threshold)
+        return weights, {**metrics, **is_metrics}
 
 
 @register_algorithm("dapo")

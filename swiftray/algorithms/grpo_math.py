@@ -124,6 +124,7 @@ def policy_loss(
     num_sequences_global: int | None = None,
     num_tokens_global: int | float | None = None,
     entropies: Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The clipped GRPO-family policy loss and its metrics.
 
@@ -132,6 +133,8 @@ def policy_loss(
     means the batch is on-policy (one iteration per rollout): the ratio is 1 with a live gradient.
     ``num_sequences_global`` overrides B (grpo, dr_grpo) and ``num_tokens_global`` the token count
     (bnpo, dapo); see the module docstring. Without them the counts of this (micro)batch are used.
+    ``is_weights`` ``[B, T]`` (no gradient) multiply each token's policy-gradient term, not its KL term:
+    the rollout correction of rollout_correction.py.
 
     Metrics (floats, over this batch's masked tokens): ``kl`` when beta != 0; ``clip_ratio/low_mean``
     (ratio < 1 - eps where A < 0), ``clip_ratio/high_mean`` (ratio > 1 + eps_high where A > 0),
@@ -158,6 +161,8 @@ def policy_loss(
     ratio = torch.exp(logprobs - old_logprobs)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     kl = None
     if beta != 0.0:
         kl = k3_kl(logprobs, ref_logprobs)

@@ -6,6 +6,8 @@ with its role's config and, for an engine, brought to the current weights; work.
 calls again. The rollout pool is elastic between --min_infer_workers and --max_infer_workers: at each
 request `refresh_pool` starts an engine on every node that joined (while the pool is below its maximum),
 and an engine lost with its node is dropped rather than replaced while the pool stays at its minimum.
+The pool yields to the roles a run cannot go without: a reference or reward actor that finds no room
+stops an engine above the minimum and takes its place.
 
 Every loss and its recovery is an event (`events`): what died, where, and the seconds its recovery
 took; each role may lose --max_restarts actors before the run gives up.
@@ -28,6 +30,9 @@ from swiftray.plan import RunPlan
 logger = logging.getLogger("swiftray")
 
 START_TIMEOUT_S = 180.0
+# A reference or reward actor with no room waits this long before an engine above the pool's minimum
+# yields its place: long enough for a process to start on a busy node.
+YIELD_AFTER_S = 60.0
 
 
 def alive_nodes() -> set[str]:
@@ -78,22 +83,37 @@ class Supervisor:
             self.changed = True
             self._event("engine_dropped", role, rank, start, node)
             return
+        can_yield = role != "rollout" and self._spare_engines() > 0
         try:
-            new = self._start(role, rank)
+            new = self._start(role, rank, timeout_s=YIELD_AFTER_S if can_yield else START_TIMEOUT_S)
         except RuntimeError:
             if role == "rollout" and len(group.actors) > self.min_engines:
                 del group.actors[rank]
                 self.changed = True
                 self._event("engine_dropped", role, rank, start, node)
                 return
-            raise
+            if not can_yield:
+                raise
+            # The engines above the pool's minimum took the room this role needs: one yields its place.
+            engines = self.roles["rollout"].actors
+            engine = engines.pop()
+            ray.kill(engine)  # its unfinished chunks come back to work.py as lost, and are issued again
+            self.engine_nodes.pop(engine._actor_id, None)
+            self.changed = True
+            self._event("engine_dropped", "rollout", len(engines), start, None)
+            logger.warning("rollout engine %d stopped to make room for the %s actor", len(engines), role)
+            new = self._start(role, rank)
         group.actors[rank] = new
         self._event("actor_replaced", role, rank, start, node)
 
-    def _start(self, role: str, rank: int, strategy: Any = None) -> Any:
+    def _spare_engines(self) -> int:
+        """Engines the pool can lose and stay at its minimum."""
+        return len(self.roles["rollout"].actors) - self.min_engines if self.roles.get("rollout") else 0
+
+    def _start(self, role: str, rank: int, strategy: Any = None, timeout_s: float = START_TIMEOUT_S) -> Any:
         """A set-up actor of `role` for `rank` (an engine also at the current weights)."""
         group, plan_role = self.roles[role], self.plan.role(role)
-        actor = group.start_single(rank, START_TIMEOUT_S, strategy)
+        actor = group.start_single(rank, timeout_s, strategy)
         ray.get(actor.setup.remote(plan_role.config))
         if plan_role.threads_share is not None:
             ray.get(actor.use_cores.remote(plan_role.threads_share))

@@ -421,7 +421,10 @@ def reward_metrics(
         mean = sum(values) / len(values)
         if len(values) < 2:
             return mean, 0.0
-        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        try:
+            return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        except OverflowError:  # finite rewards whose squares are not (1e300): the step's loss says the rest
+            return mean, math.inf
 
     metrics: dict[str, float] = {}
     for name, values in per_func.items():
