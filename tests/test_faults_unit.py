@@ -182,3 +182,15 @@ def test_an_engine_pool_at_its_minimum_never_yields(monkeypatch):
         sup.lost("reference", sup.roles["reference"].actors[0], RuntimeError("died"))
     assert killed == ["ref0"] and len(sup.roles["rollout"].actors) == 2
     assert timeouts == [supervision.START_TIMEOUT_S]  # the full wait: nothing could make room
+
+
+def test_engines_of_a_node_that_left_are_handed_over_before_a_sync(monkeypatch):
+    # e1 and e2 lived on n2, which left without any of their calls failing: a broadcast would wait for them.
+    sup, killed, _ = supervisor_without_room_until(monkeypatch, ["e0", "e1", "e2"], 1, free_after_kills=0)
+    sup.engine_nodes = {"e0": "n1", "e1": "n2", "e2": "n2"}
+    monkeypatch.setattr(supervision, "alive_nodes", lambda: {"n1"})
+    sup.check_engine_nodes()
+    assert [a.name for a in sup.roles["rollout"].actors] == ["e0"] and killed == ["e1", "e2"]
+    assert [e["kind"] for e in sup.events] == ["engine_dropped", "engine_dropped"] and sup.changed
+    sup.check_engine_nodes()  # nothing more to hand over
+    assert killed == ["e1", "e2"]

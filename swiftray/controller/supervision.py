@@ -39,6 +39,10 @@ def alive_nodes() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
+class NodeGone(RuntimeError):
+    """An actor's node left the cluster (what `lost` is told when no call of the actor has failed yet)."""
+
+
 class Supervisor:
     """Replaces lost actors of stateless roles and sizes the elastic rollout pool.
 
@@ -105,6 +109,17 @@ class Supervisor:
             new = self._start(role, rank)
         group.actors[rank] = new
         self._event("actor_replaced", role, rank, start, node)
+
+    def check_engine_nodes(self) -> None:
+        """Hand over every engine whose node is gone. An engine with no work in flight when its node went
+        raises nothing until it is called, and a weight broadcast would wait for it until gloo's timeout."""
+        if not self.roles.get("rollout"):
+            return
+        alive = alive_nodes()
+        for engine in list(self.roles["rollout"].actors):
+            node = self.engine_nodes.get(engine._actor_id)
+            if node is not None and node not in alive:
+                self.lost("rollout", engine, NodeGone(f"node {node[:12]} left the cluster"))
 
     def _spare_engines(self) -> int:
         """Engines the pool can lose and stay at its minimum."""

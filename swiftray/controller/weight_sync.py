@@ -50,6 +50,7 @@ class WeightSync:
 
     def sync(self, version: int) -> float:
         start = time.time()
+        self.supervisor.check_engine_nodes()
         paths = self.transports()
         self.last = {k: len(v) for k, v in paths.items()}
         policy = self.roles["policy"]
