@@ -73,8 +73,8 @@ def flags(model: str, plugin: Path, steps: int, seed: int) -> list[str]:
 
 def recovered(fault: dict, lines: dict[int, dict]) -> bool:
     events = {(f["kind"], f["role"]) for f in lines.get(fault["step"], {}).get("faults", [])}
-    if fault["kind"] == "remove_node" and fault.get("skipped"):
-        return True  # nothing of the run was on a removable node: nothing to recover
+    if fault.get("skipped"):
+        return True  # nothing to recover: no engine on a removable node, or the actor already gone with its node
     return bool(events & RECOVERY[fault["kind"]])
 
 
@@ -88,7 +88,7 @@ def report(clean: dict, chaos: dict, steps: int) -> str:
     missing = sum(sum((Counter(expected[s]) - Counter(lines[s]["prompts"] if s in lines else [])).values())
                   for s in expected)
     injected = chaos["injected"]
-    kinds = Counter(f["kind"] for f in injected)
+    kinds = Counter(f["kind"] + (" (skipped)" if f.get("skipped") else "") for f in injected)
     ok = [f for f in injected if recovered(f, lines)]
     events = Counter(f["kind"] for line in lines.values() for f in line["faults"])
     reward = lambda run: [line["train/reward"] for line in run["train"]]  # noqa: E731

@@ -105,7 +105,11 @@ class Injector:
 
     def kill(self, kind: str, actor: Any, step: int) -> None:
         pid = self.pids[actor._actor_id]
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it went with a node removed this step, and is not replaced yet
+            self.injected.append({"step": step, "kind": kind, "pid": pid, "skipped": "its process was already gone"})
+            return
         self.injected.append({"step": step, "kind": kind, "pid": pid, "at": time.time()})
 
     def act(self, fault: Fault) -> None:
