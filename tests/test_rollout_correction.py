@@ -109,14 +109,10 @@ def test_plan_casts_for_the_engines_and_asks_them_for_logprobs(tiny_model_dir):
 
 
 def test_a_bf16_engine_is_measured_and_corrected_end_to_end(ray_cluster, tiny_model_dir, plugin, tmp_path):  # noqa: F811
-    _, same = run(tmp_path / "fp32", tiny_model_dir, "--rollout_importance_sampling_mode", "token_truncate",
-                  plugin=plugin)
+    # (An fp32 engine's log-probs equal the policy's after a sync: tests/test_rl_weight_sync.py.)
     _, bf16 = run(tmp_path / "bf16", tiny_model_dir, "--rollout_dtype", "bfloat16",
                   "--rollout_importance_sampling_mode", "token_truncate",
                   "--rollout_importance_sampling_threshold", "1.002", plugin=plugin)
-    for line in same:  # the same weights and dtype on both sides: no mismatch, every weight 1
-        assert abs(line["train/rollout_correction/kl"]) < 1e-5
-        assert line["train/rollout_correction/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     for line in bf16:  # bf16 weights sample from a slightly different distribution: measured, then capped
         assert 0 < line["train/rollout_correction/k3_kl"] < 1e-3  # (logged to 6 decimals)
         assert 1e-3 < line["train/rollout_correction/max_abs_logprob_diff"] < 0.1
