@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from swiftray.actors.policy import token_entropy, token_logprobs
 from swiftray.models.label_logits import logits_at
+from swiftray.models.token_stats import token_entropy, token_logprobs
 
 torch.set_num_threads(1)
 

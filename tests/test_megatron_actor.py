@@ -14,9 +14,9 @@ from _ray import ray_cluster  # noqa: F401
 
 from swiftray.actors.group import ActorGroup
 from swiftray.actors.megatron_policy import MegatronPolicyActor, dp_shards
-from swiftray.actors.policy import token_entropy, token_logprobs
 from swiftray.algorithms.sft import SFT
 from swiftray.models.tiny import make_tiny_model
+from swiftray.models.token_stats import token_entropy, token_logprobs
 
 torch.set_num_threads(1)
 STEPS = 3

@@ -15,9 +15,9 @@ from _ray import ray_cluster  # noqa: F401
 
 from swiftray.actors.group import ActorGroup
 from swiftray.actors.megatron_policy import MegatronPolicyActor
-from swiftray.actors.policy import token_logprobs
 from swiftray.algorithms.sft import SFT
 from swiftray.models.tiny import make_tiny_model
+from swiftray.models.token_stats import token_logprobs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

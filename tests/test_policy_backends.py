@@ -18,8 +18,9 @@ from _ray import ray_cluster  # noqa: F401  (session fixture)
 from safetensors.torch import load_file
 
 from swiftray.actors.group import ActorGroup
-from swiftray.actors.policy import PolicyActor, token_logprobs
+from swiftray.actors.policy import PolicyActor
 from swiftray.algorithms.sft import SFT
+from swiftray.models.token_stats import token_logprobs
 
 torch.set_num_threads(1)
 STEPS, SEQS, SEQ_LEN, VOCAB = 5, 4, 16, 300

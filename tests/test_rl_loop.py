@@ -20,13 +20,13 @@ from _ray import REPO, ray_cluster  # noqa: F401
 from safetensors.torch import load_file
 
 from swiftray.actors.group import ActorGroup
-from swiftray.actors.policy import token_entropy
 from swiftray.algorithms.grpo import GRPO
 from swiftray.arguments import RlhfArguments
 from swiftray.cli_parser import parse_args
 from swiftray.controller import rl
 from swiftray.controller.rl_tasks import make_step_batch
 from swiftray.experience import RolloutBatch
+from swiftray.models.token_stats import token_entropy
 from swiftray.plan import BatchPlan
 
 torch.set_num_threads(1)

@@ -49,7 +49,7 @@ class ReferenceActor(DistributedWorker):
     @torch.no_grad()
     def sequence_logps(self, micro_batches: list[dict[str, Any]]) -> list[torch.Tensor]:
         """Each row's summed log-prob of its labelled tokens, [B] per micro-batch (float32, on CPU)."""
-        from swiftray.actors.policy import token_logprobs
+        from swiftray.models.token_stats import token_logprobs
 
         device = next(self.model.parameters()).device
         out = []
