@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BEGIN, END = "<!-- cluster_bench: begin -->", "<!-- cluster_bench: end -->"
 
 
 def recovery(cluster, model: str, work: Path) -> dict:
@@ -133,7 +133,7 @@ def throughput(model: str, engines: int) -> dict:
 
 def write(results: dict) -> None:
     r = results
-    lines = [BEGIN, "## 6. Cluster runs: recovery, weight sync across nodes, engines",
+    lines = ["## 6. Cluster runs: recovery, weight sync across nodes, engines",
              "", f"Written by `python benchmarks/cluster_bench.py` on a simulated 3-node cluster "
              f"(`ray.cluster_utils.Cluster`, every node on this 2-core machine; load average at start {r['load']}). "
              "Every node shares the same 2 cores, so these show the mechanisms' costs, not a cluster's speed-up.", "",
@@ -157,16 +157,7 @@ def write(results: dict) -> None:
               "|---|---|---|---|"]
     for row in r["throughput"]:
         lines.append(f"| {row['engines']} | {row['tokens']} | {row['seconds']:.2f} | {row['tokens_per_s']:.0f} |")
-    lines.append(END)
-    path = HERE / "RESULTS.md"
-    text = path.read_text()
-    section = "\n".join(lines)
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        marker = "## Targets"
-        text = text.replace(marker, section + "\n\n" + marker, 1) if marker in text else text + "\n" + section + "\n"
-    path.write_text(text)
+    write_section("cluster_bench", "\n".join(lines))
 
 
 def main() -> None:

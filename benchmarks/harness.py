@@ -46,15 +46,37 @@ def thread_env(threads: int, wait_policy: str) -> dict[str, str]:
     return env
 
 
-def _tree_rss(proc: Any) -> tuple[int, int]:
-    """(sum of RSS over the process tree, largest single-process RSS) in bytes."""
+# Ray's own daemons: its fixed cost, whatever the run does.
+RAY_DAEMONS = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray_client_server")
+
+
+def process_role(proc: Any, root_pid: int) -> str:
+    """What a process of a contender's tree is: the driver, a swiftray role's actor (Ray titles them
+    `ray::PolicyActor...`), one of Ray's daemons, or an idle Ray worker."""
+    import psutil
+
+    if proc.pid == root_pid:
+        return "driver"
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "other"
+    if cmd.startswith("ray::"):
+        name = cmd[5:].split(".")[0].split()[0]
+        return "ray idle worker" if name == "IDLE" else name.removesuffix("Actor").lower()
+    return "ray daemons" if any(d in cmd for d in RAY_DAEMONS) else "other"
+
+
+def _tree_rss(proc: Any) -> tuple[int, int, dict[str, int]]:
+    """(sum of RSS over the process tree, largest single-process RSS, RSS summed per role) in bytes."""
     import psutil
 
     total = largest = 0
+    roles: dict[str, int] = {}
     try:
         procs = [proc] + proc.children(recursive=True)
     except psutil.Error:
-        return 0, 0
+        return 0, 0, roles
     for p in procs:
         try:
             rss = p.memory_info().rss
@@ -62,7 +84,9 @@ def _tree_rss(proc: Any) -> tuple[int, int]:
             continue
         total += rss
         largest = max(largest, rss)
-    return total, largest
+        role = process_role(p, proc.pid)
+        roles[role] = roles.get(role, 0) + rss
+    return total, largest, roles
 
 
 def run_contender(args: list[str], *, env: dict[str, str], timeout: float, log_path: Path,
@@ -72,6 +96,7 @@ def run_contender(args: list[str], *, env: dict[str, str], timeout: float, log_p
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     peak = {"tree": 0, "process": 0}
+    role_peak: dict[str, int] = {}
     load_before = os.getloadavg()[0]
     with open(log_path, "w") as log:
         proc = subprocess.Popen([python, *args], stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO, text=True)
@@ -80,9 +105,11 @@ def run_contender(args: list[str], *, env: dict[str, str], timeout: float, log_p
 
         def sample() -> None:
             while not done.is_set():
-                total, largest = _tree_rss(ps)
+                total, largest, roles = _tree_rss(ps)
                 peak["tree"] = max(peak["tree"], total)
                 peak["process"] = max(peak["process"], largest)
+                for role, rss in roles.items():
+                    role_peak[role] = max(role_peak.get(role, 0), rss)
                 done.wait(0.25)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -105,6 +132,7 @@ def run_contender(args: list[str], *, env: dict[str, str], timeout: float, log_p
     result["load_average_1min"] = [load_before, os.getloadavg()[0]]  # other users' work skews every figure
     result["peak_rss_tree_mb"] = peak["tree"] / 2**20
     result["peak_rss_process_mb"] = peak["process"] / 2**20
+    result["peak_rss_role_mb"] = {role: rss / 2**20 for role, rss in role_peak.items()}
     return result
 
 
@@ -188,6 +216,30 @@ def machine_facts() -> dict[str, Any]:
             facts[name] = None
     facts["load_average_at_start"] = os.getloadavg()
     return facts
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    """The comments around a section of RESULTS.md that a benchmark other than main.py writes."""
+    return f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+
+
+SECTION_PATTERN = r"<!-- (\w+): begin -->.*?<!-- \1: end -->"
+
+
+def write_section(name: str, text: str, path: Path = BENCH_DIR / "RESULTS.md") -> None:
+    """Put `text` between `name`'s markers in RESULTS.md, replacing what was there, or before `## Targets`.
+
+    main.py rewrites the rest of the file and keeps these sections as they are (report.py)."""
+    begin, end = section_markers(name)
+    section = f"{begin}\n{text}\n{end}"
+    doc = path.read_text() if path.exists() else ""
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + section + doc[doc.index(end) + len(end):]
+    elif "## Targets" in doc:
+        doc = doc.replace("## Targets", section + "\n\n## Targets", 1)
+    else:
+        doc += "\n" + section + "\n"
+    path.write_text(doc)
 
 
 class Timer:

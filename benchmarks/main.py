@@ -31,6 +31,8 @@ from benchmarks.harness import (  # noqa: E402
 )
 
 SECTIONS = ("sft", "grpo", "floor", "generation", "sync")
+# ms-swift's own environment (run.sh builds it): it pins trl==0.29.1 and datasets<4.8.5.
+MSSWIFT_PYTHON = BENCH_DIR / ".env-msswift" / "bin" / "python"
 # Weight-sync sizes: (name, make_tiny_model shape); about 26M, 100M and 470M parameters.
 SYNC_MODELS = {
     "26M": None,  # the benchmark model itself
@@ -62,11 +64,19 @@ class Bench:
     def save(self) -> None:
         self.results_path.write_text(json.dumps(self.results, indent=1))
 
+    def msswift(self) -> bool:
+        """ms-swift runs when asked for and its environment exists (a missing one is recorded, not fatal)."""
+        if self.opts.msswift and not MSSWIFT_PYTHON.exists():
+            self.results["msswift_error"] = f"no {MSSWIFT_PYTHON} (benchmarks/run.sh builds it)"
+        return bool(self.opts.msswift) and MSSWIFT_PYTHON.exists()
+
     def run(self, name: str, script: str, args: list[str], timeout: float = 900) -> dict[str, Any]:
         log = WORK / "logs" / f"{name}.log"
         print(f"[bench] {name} ...", flush=True)
         start = time.time()
-        result = run_contender([str(BENCH_DIR / script), *args], env=self.env, timeout=timeout, log_path=log)
+        python = str(MSSWIFT_PYTHON) if script == "msswift_bench.py" else sys.executable
+        result = run_contender([str(BENCH_DIR / script), *args], env=self.env, timeout=timeout, log_path=log,
+                               python=python)
         result["wall_s"] = time.time() - start
         print(f"[bench] {name}: {result['wall_s']:.0f}s", flush=True)
         return result
@@ -79,15 +89,19 @@ class Bench:
         configs = [("swiftray", 1, "fp32"), ("trl", 1, "fp32"), ("swiftray", 0, "fp32"), ("trl", 0, "fp32"),
                    ("hf", 0, "fp32"), ("swiftray", 1, "bf16"), ("trl", 0, "bf16_autocast"), ("swiftray", 0, "bf16"),
                    ("trl", 0, "bf16")]
+        if self.msswift():  # ms-swift's packing needs flash-attn (padding-free): unpacked only
+            configs += [("msswift", 0, "fp32"), ("msswift", 0, "bf16")]
         runs = []
         for rep in range(o.sft_repeats):
             for contender, packing, precision in rotated(configs, rep):
                 tag = f"sft_{contender}_p{packing}_{precision}_r{rep}"
-                runs.append(self.run(tag, "sft_bench.py", [
-                    "--contender", contender, "--packing", str(packing), "--precision", precision,
+                script, head = (("msswift_bench.py", ["sft"]) if contender == "msswift"
+                                else ("sft_bench.py", ["--contender", contender, "--workers", str(o.sft_workers)]))
+                runs.append(self.run(tag, script, [
+                    *head, "--packing", str(packing), "--precision", precision,
                     "--model", self.model,
                     "--data", str(self.sft_data), "--out", str(WORK / "runs" / tag), "--steps", str(o.sft_steps),
-                    "--threads", str(o.threads), "--workers", str(o.sft_workers)]))
+                    "--threads", str(o.threads)]))
         self.results["sft"] = runs
         self.save()
 
@@ -124,11 +138,14 @@ class Bench:
         start = self.warm_checkpoint()
         self.results["grpo_start"] = start
         runs = []
+        contenders = ["swiftray_async", "trl", "swiftray", "floor"] + (["msswift"] if self.msswift() else [])
         for rep in range(o.grpo_repeats):
-            for contender in rotated(["swiftray_async", "trl", "swiftray", "floor"], rep):
+            for contender in rotated(contenders, rep):
                 tag = f"grpo_{contender}_r{rep}"
-                runs.append(self.run(tag, "grpo_bench.py", [
-                    "--contender", contender, "--model", start, "--data", str(self.grpo_data),
+                script, head = (("msswift_bench.py", ["grpo"]) if contender == "msswift"
+                                else ("grpo_bench.py", ["--contender", contender]))
+                runs.append(self.run(tag, script, [
+                    *head, "--model", start, "--data", str(self.grpo_data),
                     "--out", str(WORK / "runs" / tag), "--steps", str(o.grpo_steps), "--lr", str(o.grpo_lr),
                     "--threads", str(o.threads)]))
         if o.grpo_before:  # once: swiftray without this benchmark's fixes, for the before/after row
@@ -196,6 +213,7 @@ def main() -> None:
     p.add_argument("--grpo_lr", type=float, default=1e-5)
     p.add_argument("--grpo_before", type=int, default=1, help="also run swiftray without this benchmark's fixes")
     p.add_argument("--gen_repeats", type=int, default=3)
+    p.add_argument("--msswift", type=int, default=1, help="also run ms-swift (in benchmarks/.env-msswift)")
     p.add_argument("--vllm", type=int, default=1, help="also time the vllm engine when .venv-vllm exists")
     p.add_argument("--sync_sizes", nargs="+", default=list(SYNC_MODELS), choices=list(SYNC_MODELS))
     p.add_argument("--sync_repeats", type=int, default=3)
@@ -207,6 +225,10 @@ def main() -> None:
         start = time.time()
         bench = Bench(opts)
         bench.results["machine"] = machine_facts()
+        if MSSWIFT_PYTHON.exists():  # ms-swift lives in its own environment
+            bench.results["machine"]["ms-swift"] = subprocess.run(
+                [str(MSSWIFT_PYTHON), "-c", "from importlib.metadata import version; print(version('ms-swift'))"],
+                capture_output=True, text=True, check=True).stdout.strip()
         bench.results["options"] = vars(opts)
         sections = bench.results.setdefault("section_s", {})
         for section in SECTIONS:

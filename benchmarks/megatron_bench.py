@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SECTION_START, SECTION_END = "<!-- megatron_bench:start -->", "<!-- megatron_bench:end -->"
+sys.path.insert(0, str(REPO))
+from benchmarks.harness import write_section  # noqa: E402
+
 COMMON_SFT = ["--dataset", "swiftray/arithmetic#400", "--dataset_shuffle", "false", "--max_length", "256",
               "--report_to", "none"]
 
@@ -86,7 +88,7 @@ def section(results: list[dict[str, Any]], steps: int) -> str:
     for r in results:
         by_name.setdefault(r["contender"], []).append(r)
     zero3 = statistics.median(r["tokens_per_s"] for r in by_name["deepspeed zero3"])
-    lines = [SECTION_START, "## 7. Megatron backend against DeepSpeed ZeRO-3 (tiny MoE, SFT, 2 CPU ranks)", "",
+    lines = ["## 7. Megatron backend against DeepSpeed ZeRO-3 (tiny MoE, SFT, 2 CPU ranks)", "",
              "Written by `python benchmarks/megatron_bench.py` (raw: `benchmarks/work/megatron/results.json`). "
              f"Tiny Qwen3-MoE (4 experts, top-2), `swiftray/arithmetic` in file order, 8 samples per step, "
              f"max_length 256, fp32, lr 1e-5 constant, {steps} steps; rate = loss tokens of steps 2..{steps} over "
@@ -100,19 +102,7 @@ def section(results: list[dict[str, Any]], steps: int) -> str:
         lines.append(f"| {name} | {rate:,.1f} | {rate / zero3:.2f} | {runs[0]['loss_tokens_per_step']:,.0f} | "
                      f"{runs[0]['first_loss']:.3f} | {runs[0]['last_loss']:.3f} | "
                      f"{statistics.median(r['wall_s'] for r in runs):.0f} | {loads} | {len(runs)} |")
-    return "\n".join(lines + ["", SECTION_END])
-
-
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or add it before `## Targets`)."""
-    path = REPO / "benchmarks" / "RESULTS.md"
-    doc = path.read_text()
-    if SECTION_START in doc:
-        head, rest = doc.split(SECTION_START, 1)
-        doc = head + text + rest.split(SECTION_END, 1)[1]
-    else:
-        doc = doc.replace("## Targets", text + "\n\n## Targets", 1)
-    path.write_text(doc)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -139,7 +129,7 @@ def main() -> None:
             print(json.dumps(result), flush=True)
             results.append(result)
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    write_section(section(results, opts.steps))
+    write_section("megatron_bench", section(results, opts.steps))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 #
 # 1. builds its own environment benchmarks/.env: torch 2.13.0 (the CPU wheel), TRL from PyPI
 #    (1.16, which installs beside transformers < 5.20, swiftray's pin), py-spy, and swiftray
-#    itself (pip install -e .). ms-swift is not installed: see RESULTS.md ("peers").
+#    itself (pip install -e .); and benchmarks/.env-msswift for ms-swift 4.6.0, which pins
+#    trl==0.29.1 and datasets<4.8.5 and so cannot share the first (--msswift 0 skips it).
 # 2. runs benchmarks/main.py: SFT, GRPO, floors, generation, weight sync; each contender in its
 #    own process, contenders alternating; about 25 minutes on a quiet 2-core machine.
 # 3. writes benchmarks/RESULTS.md and benchmarks/results.png (raw: benchmarks/work/results.json).
@@ -23,6 +24,13 @@ fi
 if ! "$ENV/bin/python" -c "import trl, swiftray, torch" 2>/dev/null; then
   "$ENV/bin/pip" install -q torch==2.13.0
   "$ENV/bin/pip" install -q -e . "transformers<5.20" "trl==1.16.0" py-spy psutil matplotlib
+fi
+MS_ENV=benchmarks/.env-msswift
+if [[ " $* " != *" --msswift 0 "* ]] && ! "$MS_ENV/bin/python" -c "import swift, math_verify, msgspec" 2>/dev/null; then
+  [ -x "$MS_ENV/bin/python" ] || python3 -m venv "$MS_ENV"
+  "$MS_ENV/bin/pip" install -q torch==2.13.0
+  # msgspec and math-verify: ms-swift's GRPO imports them, but its package does not require them
+  "$MS_ENV/bin/pip" install -q "ms-swift==4.6.0" "transformers<5.20" msgspec math-verify psutil
 fi
 export TOKENIZERS_PARALLELISM=false SWIFTRAY_NO_PROGRESS=1
 start=$(date +%s)

@@ -1,0 +1,108 @@
+"""Memory per role: peak resident memory of swiftray's driver, each role's actors and Ray's daemons,
+beside TRL's single process, as the completions per step grow.
+
+    python benchmarks/memory_bench.py [--completions 8 16 32 64 --steps 3]
+
+Each point is one GRPO run of grpo_bench.py (same model, prompts and settings as section 2; one prompt
+x N completions per step, 64 new tokens) in its own process tree; the orchestrator samples every
+process's RSS four times a second and sums it per role (harness.process_role: the driver, `policy`,
+`rollout`, `reference`, `reward` actors by their Ray process titles, Ray's daemons, idle Ray workers).
+RSS counts shared pages (torch's libraries, the /dev/shm weight buffers) once per process, so the sums
+over-state what the machine gives; TRL's figure is its one process's RSS.
+
+The driver never holds rollout data (the trainers get ObjectRefs), so its peak should stay flat as
+the completions grow: the target is within 10% from 8 to 64. Writes its section of RESULTS.md and the
+raw figures to benchmarks/work/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import (  # noqa: E402
+    BENCH_DIR,
+    WORK,
+    ensure_arithmetic_data,
+    ensure_model,
+    run_contender,
+    thread_env,
+    write_section,
+)
+
+ROLE_ORDER = ("driver", "policy", "rollout", "reference", "reward", "ray daemons", "ray idle worker", "other")
+
+
+def measure(opts: argparse.Namespace) -> list[dict[str, Any]]:
+    model = str(ensure_model(WORK / "model"))
+    data = ensure_arithmetic_data(WORK / "data" / "grpo.jsonl", 2000, 200)
+    runs = []
+    for n in opts.completions:
+        for contender in ("swiftray", "trl"):
+            tag = f"memory_{contender}_{n}"
+            print(f"[memory] {tag} ...", flush=True)
+            run = run_contender([str(BENCH_DIR / "grpo_bench.py"), "--contender", contender, "--model", model,
+                                 "--data", str(data), "--out", str(WORK / "runs" / tag), "--steps", str(opts.steps),
+                                 "--batch", str(n), "--num_generations", str(n), "--threads", str(opts.threads)],
+                                env=thread_env(opts.threads, "PASSIVE"), timeout=1800,
+                                log_path=WORK / "logs" / f"{tag}.log")
+            runs.append({"contender": contender, "completions": n, "peak_rss_tree_mb": run["peak_rss_tree_mb"],
+                         "peak_rss_role_mb": run["peak_rss_role_mb"], "s_per_step": run["s_per_step"],
+                         "load_average_1min": run["load_average_1min"]})
+            (WORK / "memory.json").write_text(json.dumps(runs, indent=1))
+    return runs
+
+
+def section(runs: list[dict[str, Any]], steps: int) -> str:
+    swift = [r for r in runs if r["contender"] == "swiftray"]
+    trl = {r["completions"]: r for r in runs if r["contender"] == "trl"}
+    roles = [role for role in ROLE_ORDER if any(role in r["peak_rss_role_mb"] for r in swift)]
+    lines = ["## 9. Memory per role as the completions per step grow", "",
+             "Written by `python benchmarks/memory_bench.py` (raw: `benchmarks/work/memory.json`). GRPO on the "
+             f"benchmark model, one prompt x N completions per step, 64 new tokens, {steps} steps; peak RSS in MB "
+             "per role (each role's processes summed, each sampled 4x a second; shared pages count once per "
+             "process) and of the whole process tree, beside TRL's single process.", "",
+             "| completions per step | " + " | ".join(f"swiftray {r}" for r in roles)
+             + " | swiftray all processes | TRL GRPOTrainer | swiftray / TRL | load |",
+             "|---|" + "---|" * (len(roles) + 4)]
+    for r in swift:
+        t = trl.get(r["completions"])
+        cells = [f"{r['peak_rss_role_mb'].get(role, 0):,.0f}" for role in roles]
+        cells.append(f"{r['peak_rss_tree_mb']:,.0f}")
+        cells += [f"{t['peak_rss_tree_mb']:,.0f}", f"{r['peak_rss_tree_mb'] / t['peak_rss_tree_mb']:.2f}"] if t else ["-", "-"]
+        cells.append("/".join(f"{x:.1f}" for x in r["load_average_1min"]))
+        lines.append(f"| {r['completions']} | " + " | ".join(cells) + " |")
+    drivers = [r["peak_rss_role_mb"].get("driver", 0) for r in swift]
+    if drivers and min(drivers):
+        growth = max(drivers) / min(drivers) - 1
+        lines += ["", f"Driver peak from {swift[0]['completions']} to {swift[-1]['completions']} completions: "
+                  f"{min(drivers):,.0f} to {max(drivers):,.0f} MB, {100 * growth:+.1f}% "
+                  f"(target within 10%: {'met' if growth <= 0.10 else 'missed'})."]
+    if swift and swift[-1]["completions"] in trl:
+        last, t = swift[-1], trl[swift[-1]["completions"]]
+        fixed = last["peak_rss_role_mb"].get("ray daemons", 0)
+        ratio = last["peak_rss_tree_mb"] / t["peak_rss_tree_mb"]
+        lines += [f"All swiftray processes at {last['completions']} completions: {ratio:.2f}x TRL's single process "
+                  f"(target <= 2x: {'met' if ratio <= 2 else 'missed'}); Ray's daemons, a fixed cost, are "
+                  f"{fixed:,.0f} MB of it."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--completions", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--write_only", action="store_true", help="rewrite the section from benchmarks/work/memory.json")
+    opts = p.parse_args()
+    runs = json.loads((WORK / "memory.json").read_text()) if opts.write_only else measure(opts)
+    write_section("memory_bench", section(runs, opts.steps))
+    print(section(runs, opts.steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The benchmark reports' own logic: sections other benchmarks write survive, roles are told apart by
+their process titles, and the verdicts follow the figures (the benchmarks themselves are not run here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from benchmarks.harness import SECTION_PATTERN, process_role, write_section
+from benchmarks.memory_bench import section as memory_section
+from benchmarks.time_to_accuracy import minutes_to_gain
+
+
+def test_a_section_is_replaced_between_its_markers_and_new_ones_go_before_the_targets(tmp_path: Path) -> None:
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Benchmarks\n\n## 1. SFT\n\ntable\n\n## Targets\n\n| target |\n")
+    write_section("cluster_bench", "## 6. Cluster\n\nfirst", doc)
+    write_section("megatron_bench", "## 7. Megatron\n\nrows", doc)
+    write_section("cluster_bench", "## 6. Cluster\n\nsecond", doc)
+    text = doc.read_text()
+    assert "first" not in text and text.count("## 6. Cluster") == 1
+    assert text.index("second") < text.index("## 7. Megatron") < text.index("## Targets")
+    kept = [m.group(1) for m in re.finditer(SECTION_PATTERN, text, flags=re.DOTALL)]
+    assert kept == ["cluster_bench", "megatron_bench"]
+
+
+class FakeProcess:
+    def __init__(self, pid: int, cmdline: list[str]) -> None:
+        self.pid, self._cmdline = pid, cmdline
+
+    def cmdline(self) -> list[str]:
+        return self._cmdline
+
+
+def test_processes_are_told_apart_by_their_ray_titles() -> None:
+    cases = {
+        ("ray::PolicyActor.train_step",): "policy",
+        ("ray::RolloutActor",): "rollout",
+        ("ray::ReferenceActor.logprobs",): "reference",
+        ("ray::RewardModelActor.score",): "rewardmodel",
+        ("ray::IDLE",): "ray idle worker",
+        ("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--node_ip_address=127.0.0.1"):
+            "ray daemons",
+        ("/venv/bin/python", "something_else.py"): "other",
+    }
+    for cmdline, role in cases.items():
+        assert process_role(FakeProcess(7, list(cmdline)), root_pid=1) == role, cmdline
+    assert process_role(FakeProcess(1, ["python", "grpo_bench.py"]), root_pid=1) == "driver"
+
+
+def test_minutes_to_a_gain_is_the_first_checkpoint_at_or_past_it() -> None:
+    curve = [{"minutes": 0.0, "accuracy": 0.40}, {"minutes": 1.5, "accuracy": 0.44},
+             {"minutes": 3.0, "accuracy": 0.50}, {"minutes": 4.5, "accuracy": 0.47}]
+    assert minutes_to_gain(curve, 0.40, 4) == 1.5
+    assert minutes_to_gain(curve, 0.40, 5) == 3.0
+    assert minutes_to_gain(curve, 0.40, 10) == 3.0
+    assert minutes_to_gain(curve, 0.40, 15) is None
+
+
+def run(contender: str, n: int, driver: float, total: float) -> dict:
+    roles = {"driver": driver, "policy": 900.0, "ray daemons": 300.0} if contender == "swiftray" else {"driver": total}
+    return {"contender": contender, "completions": n, "peak_rss_tree_mb": total, "peak_rss_role_mb": roles,
+            "s_per_step": 1.0, "load_average_1min": [1.0, 1.1]}
+
+
+def test_the_memory_verdicts_follow_the_figures() -> None:
+    flat = [run("swiftray", 8, 500, 3000), run("trl", 8, 0, 1400), run("swiftray", 64, 540, 3100),
+            run("trl", 64, 0, 1600)]
+    text = memory_section(flat, steps=3)
+    assert "500 to 540 MB, +8.0% (target within 10%: met)" in text
+    assert "1.94x TRL's single process (target <= 2x: met)" in text
+    grown = [run("swiftray", 8, 500, 3000), run("trl", 8, 0, 1400), run("swiftray", 64, 600, 3300),
+             run("trl", 64, 0, 1600)]
+    text = memory_section(grown, steps=3)
+    assert "+20.0% (target within 10%: missed)" in text and "2.06x" in text and "target <= 2x: missed" in text
