@@ -40,6 +40,11 @@ from swiftray.arguments import RlhfArguments  # noqa: E402
 from swiftray.cli_parser import parse_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# Pair-trained methods, each with its `swiftray rlhf` flags. "rpo" is DPO plus the NLL of the chosen side
+# (`--rpo_alpha 1`, Pang et al. 2024: on reasoning tasks plain DPO moves preference more than accuracy).
+PAIR_METHODS = {"dpo": ["--rlhf_type", "dpo"], "rpo": ["--rlhf_type", "dpo", "--rpo_alpha", "1"],
+                "kto": ["--rlhf_type", "kto"], "simpo": ["--rlhf_type", "simpo", "--cpo_alpha", "0"],
+                "orpo": ["--rlhf_type", "orpo"], "cpo": ["--rlhf_type", "cpo"]}
 TEST_PAIRS = "swiftray/arithmetic-pairs:easy_test"
 TEST_TASK = "swiftray/arithmetic:easy_test"
 
@@ -173,10 +178,10 @@ def common(model: Path, out: Path, seed: int, steps: int) -> list[str]:
 
 def train_preference(method: str, sft: Path, work: Path, seed: int, shuffled: bool, opts: argparse.Namespace) -> Path:
     dataset = pair_data(work, seed, shuffled, kto=method == "kto")
-    flags = ["--rlhf_type", method, "--dataset", dataset, "--per_device_train_batch_size", str(opts.pairs_per_step),
-             "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr[method])]
-    if method == "simpo":
-        flags += ["--cpo_alpha", "0"]  # pure SimPO: no NLL term, so the gain comes from the preferences alone
+    # pure SimPO (--cpo_alpha 0): no NLL term, so the gain comes from the preferences alone
+    flags = [*PAIR_METHODS[method], "--dataset", dataset, "--per_device_train_batch_size", str(opts.pairs_per_step),
+             "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr[method]),
+             *opts.method_flags.get(method, [])]
     name = f"{method}{'_control' if shuffled else ''}"
     return rlhf(flags + common(sft, work / name, seed, opts.steps[method]))
 
@@ -198,44 +203,66 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
     if not (model_dir / "config.json").exists():
         make_tiny_model(model_dir, seed=seed, hidden_size=128, num_layers=4, intermediate_size=512)
     sft_opts = argparse.Namespace(seed=seed, sft_chunk=50, sft_max_steps=600, sft_target=opts.sft_target)
-    done = work / "sft_checkpoint.txt"
-    if done.exists():
-        sft = Path(done.read_text().strip())
+    sft_note = work / "sft_checkpoint.txt"
+    if sft_note.exists():
+        sft = Path(sft_note.read_text().strip())
     else:
         sft, _curve = sft_until(model_dir, work, sft_opts)
-        done.write_text(str(sft))
+        sft_note.write_text(str(sft))
     pairs, tokenizer = heldout_pairs(sft)
     pad = tokenizer.pad_token_id
-    result: dict = {"seed": seed, "sft_checkpoint": str(sft),
-                    "sft": {"task_accuracy": heldout_accuracy(sft, TEST_TASK, 300, 48),
-                            **preference_accuracy(sft, sft, pairs, pad)}}
+    saved = work / "result.json"
+    # Runs already made with the same settings are kept (a rerun redoes only what changed).
+    earlier = json.loads(saved.read_text()) if saved.exists() else {}
+    result: dict = {"seed": seed, "sft_checkpoint": str(sft), "sft": earlier.get("sft") or {
+        "task_accuracy": heldout_accuracy(sft, TEST_TASK, 300, 48), **preference_accuracy(sft, sft, pairs, pad)}}
     print(f"\n== seed {seed} SFT: {result['sft']}\n", flush=True)
+
+    def done(name: str, settings: dict) -> bool:
+        """Reuse `name`'s earlier result if its settings are the same."""
+        if earlier.get(name, {}).get("settings") == settings:
+            result[name] = earlier[name]
+            print(f"\n== seed {seed} {name} (kept): {result[name]}\n", flush=True)
+            return True
+        return False
+
+    def keep(name: str, settings: dict, measured: dict) -> None:
+        result[name] = {**measured, "settings": settings}
+        saved.write_text(json.dumps({**earlier, **result}, indent=2))
+        print(f"\n== seed {seed} {name}: {result[name]}\n", flush=True)
+
     for method in opts.methods:
-        if method in ("dpo", "kto", "simpo", "orpo", "cpo"):
+        if method in PAIR_METHODS:
+            settings = {"lr": opts.lr[method], "steps": opts.steps[method], "pairs_per_step": opts.pairs_per_step,
+                        "flags": PAIR_METHODS[method] + opts.method_flags.get(method, [])}
             for shuffled in (False, True):
-                ckpt = train_preference(method, sft, work, seed, shuffled, opts)
                 name = f"{method}{'_control' if shuffled else ''}"
-                result[name] = {"task_accuracy": heldout_accuracy(ckpt, TEST_TASK, 300, 48),
-                                **preference_accuracy(ckpt, sft, pairs, pad)}
-                print(f"\n== seed {seed} {name}: {result[name]}\n", flush=True)
+                if not done(name, settings):
+                    ckpt = train_preference(method, sft, work, seed, shuffled, opts)
+                    keep(name, settings, {"task_accuracy": heldout_accuracy(ckpt, TEST_TASK, 300, 48),
+                                          **preference_accuracy(ckpt, sft, pairs, pad)})
         elif method == "rm":
+            settings = {"lr": opts.lr["rm"], "steps": opts.steps["rm"], "pairs_per_step": opts.pairs_per_step}
             for shuffled in (False, True):
                 name = f"rm{'_control' if shuffled else ''}"
-                flags = ["--rlhf_type", "rm", "--dataset", pair_data(work, seed, shuffled, kto=False),
-                         "--per_device_train_batch_size", str(opts.pairs_per_step), "--gradient_accumulation_steps",
-                         "1", "--learning_rate", str(opts.lr["rm"])]
-                ckpt = rlhf(flags + common(sft, work / name, seed, opts.steps["rm"]))
-                result[name] = {"pair_accuracy": reward_model_accuracy(ckpt, pairs, pad), "checkpoint": str(ckpt)}
-                print(f"\n== seed {seed} {name}: {result[name]}\n", flush=True)
+                if not done(name, settings):
+                    flags = ["--rlhf_type", "rm", "--dataset", pair_data(work, seed, shuffled, kto=False),
+                             "--per_device_train_batch_size", str(opts.pairs_per_step),
+                             "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr["rm"])]
+                    ckpt = rlhf(flags + common(sft, work / name, seed, opts.steps["rm"]))
+                    keep(name, settings, {"pair_accuracy": reward_model_accuracy(ckpt, pairs, pad),
+                                          "checkpoint": str(ckpt)})
         elif method == "grpo_rm":
             trained = Path(result.get("rm", {}).get("checkpoint") or opts.reward_model)
             untrained = untrained_reward_model(sft, work / "untrained-rm", seed)
             for name, rm in (("grpo_rm", trained), ("grpo_rm_control", untrained)):
-                ckpt = grpo(sft, rm, work, name, seed, opts)
-                result[name] = {"task_accuracy": heldout_accuracy(ckpt, TEST_TASK, 300, 48), "reward_model": str(rm)}
-                print(f"\n== seed {seed} {name}: {result[name]}\n", flush=True)
+                settings = {"lr": opts.grpo_lr, "steps": opts.grpo_steps, "reward_model": str(rm)}
+                if not done(name, settings):
+                    ckpt = grpo(sft, rm, work, name, seed, opts)
+                    keep(name, settings, {"task_accuracy": heldout_accuracy(ckpt, TEST_TASK, 300, 48),
+                                          "reward_model": str(rm)})
     result["minutes"] = round((time.time() - start) / 60, 1)
-    (work / "result.json").write_text(json.dumps(result, indent=2))
+    saved.write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -263,12 +290,12 @@ def render(results: list[dict], opts: argparse.Namespace) -> str:
              + f"; {opts.pairs_per_step} pairs (KTO: examples) per step; GRPO {opts.grpo_steps} steps at lr "
              f"{opts.grpo_lr:g}, 8 prompts x 8 completions, beta 0, the reward model its only reward.", ""]
     lines += ["## Preference accuracy and task accuracy (held-out)", "",
-              "Preference accuracy: DPO and KTO by their implicit reward log pi - log ref (the SFT model is 50% "
+              "Preference accuracy: DPO, RPO and KTO by their implicit reward log pi - log ref (the SFT model is 50% "
               "by construction); SimPO by its own reward, the average log-prob (the SFT model has a score).", "",
               "| seed | method | preference accuracy: SFT -> trained (change) | control | task accuracy: SFT -> "
               "trained (change) | control |", "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        for method in ("dpo", "kto", "simpo", "orpo", "cpo"):
+        for method in PAIR_METHODS:
             if method not in r:
                 continue
             key = "average_logprob" if method in ("simpo", "orpo", "cpo") else "implicit_reward"
@@ -277,6 +304,11 @@ def render(results: list[dict], opts: argparse.Namespace) -> str:
                          f"{pct(ctl[key])} ({change(ctl[key], base[key])}) | {pct(base['task_accuracy'])} -> "
                          f"{pct(got['task_accuracy'])} ({change(got['task_accuracy'], base['task_accuracy'])}) | "
                          f"{pct(ctl['task_accuracy'])} ({change(ctl['task_accuracy'], base['task_accuracy'])}) |")
+    if any(m in r for m in ("rpo", "orpo", "cpo") for r in results):
+        lines += ["", "RPO (DPO plus the chosen side's NLL, `--rpo_alpha 1`), ORPO and CPO carry an NLL term; DPO, KTO "
+                  "and pure SimPO (`--cpo_alpha 0`) do not. Their controls keep the NLL on the randomly chosen side "
+                  "(the right answer half the time), so a control's task-accuracy change shows what the NLL alone "
+                  "gives, and the gap to it what the preferences add."]
     if any("rm" in r for r in results):
         lines += ["", "## Reward model: held-out pairs ranked right (chance: 50%)", "",
                   "| seed | trained on the pairs | control (shuffled pairs) |", "| --- | --- | --- |"]
@@ -301,16 +333,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", default="preference_runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
-    p.add_argument("--methods", nargs="+", default=["dpo", "kto", "simpo", "rm", "grpo_rm"],
-                   choices=["dpo", "kto", "simpo", "orpo", "cpo", "rm", "grpo_rm"])
+    p.add_argument("--methods", nargs="+", default=["dpo", "rpo", "kto", "orpo", "simpo", "rm", "grpo_rm"],
+                   choices=[*PAIR_METHODS, "rm", "grpo_rm"])
     p.add_argument("--sft_target", type=float, default=0.3)
     p.add_argument("--pairs_per_step", type=int, default=8)
-    p.add_argument("--steps", type=json.loads, default={"dpo": 150, "kto": 150, "simpo": 150, "orpo": 150,
+    p.add_argument("--steps", type=json.loads, default={"dpo": 150, "rpo": 150, "kto": 150, "simpo": 150, "orpo": 150,
                                                         "cpo": 150, "rm": 150},
                    help='JSON: optimizer steps per method, e.g. \'{"dpo": 150}\'')
-    p.add_argument("--lr", type=json.loads, default={"dpo": 2e-4, "kto": 2e-4, "simpo": 2e-4, "orpo": 2e-4,
+    p.add_argument("--lr", type=json.loads, default={"dpo": 2e-5, "rpo": 5e-5, "kto": 2e-4, "simpo": 5e-5, "orpo": 2e-4,
                                                      "cpo": 2e-4, "rm": 5e-4},
                    help="JSON: learning rate per method")
+    p.add_argument("--method_flags", type=json.loads, default={},
+                   help='JSON: extra `swiftray rlhf` flags per method, e.g. \'{"dpo": ["--rpo_alpha", "1"]}\'')
     p.add_argument("--grpo_steps", type=int, default=100)
     p.add_argument("--grpo_lr", type=float, default=1e-4)
     p.add_argument("--reward_model", default=None, help="grpo_rm without rm: the trained reward model to use")
