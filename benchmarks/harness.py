@@ -63,7 +63,11 @@ def process_role(proc: Any, root_pid: int) -> str:
         return "other"
     if cmd.startswith("ray::"):
         name = cmd[5:].split(".")[0].split()[0]
-        return "ray idle worker" if name == "IDLE" else name.removesuffix("Actor").lower()
+        if name.endswith("Agent"):  # DashboardAgent, RuntimeEnvAgent: Ray's per-node agents
+            return "ray daemons"
+        if name.endswith("Actor"):
+            return name.removesuffix("Actor").lower()
+        return "ray task and idle workers"  # `ray::IDLE`, or a worker running a task (`ray::make_step_batch`)
     return "ray daemons" if any(d in cmd for d in RAY_DAEMONS) else "other"
 
 

@@ -6,7 +6,8 @@ beside TRL's single process, as the completions per step grow.
 Each point is one GRPO run of grpo_bench.py (same model, prompts and settings as section 2; one prompt
 x N completions per step, 64 new tokens) in its own process tree; the orchestrator samples every
 process's RSS four times a second and sums it per role (harness.process_role: the driver, `policy`,
-`rollout`, `reference`, `reward` actors by their Ray process titles, Ray's daemons, idle Ray workers).
+`rollout`, `reference`, `reward` actors by their Ray process titles, Ray's daemons and agents, and the
+Ray workers that run the driver's small tasks (rl_tasks.py) or wait idle).
 RSS counts shared pages (torch's libraries, the /dev/shm weight buffers) once per process, so the sums
 over-state what the machine gives; TRL's figure is its one process's RSS.
 
@@ -34,7 +35,8 @@ from benchmarks.harness import (  # noqa: E402
     write_section,
 )
 
-ROLE_ORDER = ("driver", "policy", "rollout", "reference", "reward", "ray daemons", "ray idle worker", "other")
+ROLE_ORDER = ("driver", "policy", "rollout", "reference", "reward", "ray daemons", "ray task and idle workers",
+              "other")
 
 
 def measure(opts: argparse.Namespace) -> list[dict[str, Any]]:

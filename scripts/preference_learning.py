@@ -61,32 +61,84 @@ def write_jsonl(rows: list[dict], path: Path) -> str:
     return str(path)
 
 
+def swapped_at_random(rows: list[dict], seed: int) -> list[dict]:
+    """The control's pairs: each pair's sides swapped with probability 1/2 (its labels carry no information)."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        good, bad = row["messages"][-1]["content"], row["rejected_response"]
+        if rng.random() < 0.5:
+            good, bad = bad, good
+        out.append({"messages": row["messages"][:-1] + [{"role": "assistant", "content": good}],
+                    "rejected_response": bad})
+    return out
+
+
 def pair_data(work: Path, seed: int, shuffled: bool, kto: bool) -> str:
-    """`--dataset` of the training pairs (or their KTO view); shuffled: each pair's sides swapped with
-    probability 1/2 (the control, whose labels carry no information)."""
+    """`--dataset` of the built-in training pairs (or their KTO view); shuffled: the control's."""
     from swiftray.data.builtin.arithmetic_pairs import arithmetic_pairs_split
 
     if not shuffled:
         return "swiftray/arithmetic-pairs:easy_train" + ("_kto" if kto else "")
-    rng = random.Random(seed)
-    rows = []
-    for row in arithmetic_pairs_split("easy_train"):
-        good, bad = row["messages"][-1]["content"], row["rejected_response"]
-        if rng.random() < 0.5:
-            good, bad = bad, good
-        question = row["messages"][:-1]
-        if kto:
-            rows += [{"messages": question + [{"role": "assistant", "content": good}], "label": True},
-                     {"messages": question + [{"role": "assistant", "content": bad}], "label": False}]
-        else:
-            rows.append({"messages": question + [{"role": "assistant", "content": good}], "rejected_response": bad})
+    rows = swapped_at_random(arithmetic_pairs_split("easy_train"), seed)
+    if kto:
+        rows = [{"messages": r["messages"][:-1] + [{"role": "assistant", "content": text}], "label": label}
+                for r in rows for text, label in ((r["messages"][-1]["content"], True), (r["rejected_response"], False))]
     return write_jsonl(rows, work / f"shuffled_pairs{'_kto' if kto else ''}.jsonl")
+
+
+def policy_pairs(model_dir: Path, dataset: str, path: Path, samples: int, seed: int) -> str:
+    """Pairs from the model's own samples, labelled by the accuracy rule: for each prompt with a right
+    and a wrong sample among `samples` (temperature 1), one right (chosen) against one wrong (rejected).
+    A reward model trained on these sees the policy's own mistakes, not the built-in pairs' planted ones."""
+    if path.exists():
+        return str(path)
+    import torch
+
+    from swiftray.data.loader import load_datasets
+    from swiftray.data.template import Template
+    from swiftray.models.generation import HFEngine, SamplingParams
+    from swiftray.models.inference import load_inference_model
+    from swiftray.rewards import build_reward_funcs
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    rows = list(load_datasets([dataset], shuffle=False))
+    model, tokenizer = load_inference_model(str(model_dir))
+    template = Template(tokenizer)
+    outs = HFEngine(model, tokenizer, batch_size=64).generate(
+        [template.encode_prompt(r["messages"][:-1]) for r in rows],
+        SamplingParams(max_new_tokens=48, temperature=1.0, n=samples, seed=seed))
+    texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+    right, _ = build_reward_funcs(["accuracy"]).score(
+        texts, {"solution": [r["solution"] for r in rows for _ in range(samples)]})
+    pairs = []
+    for i, row in enumerate(rows):
+        group = list(zip(texts[i * samples:(i + 1) * samples], right["accuracy"][i * samples:(i + 1) * samples]))
+        good = next((t for t, ok in group if ok == 1.0), None)
+        bad = next((t for t, ok in group if ok != 1.0), None)
+        if good is not None and bad is not None:
+            pairs.append({"messages": row["messages"][:-1] + [{"role": "assistant", "content": good}],
+                          "rejected_response": bad})
+    return write_jsonl(pairs, path)
+
+
+def rm_dataset(sft: Path, work: Path, seed: int, shuffled: bool, opts: argparse.Namespace) -> str:
+    """The reward model's training pairs: the built-in ones, or (--rm_data policy) the SFT model's own
+    samples; shuffled: the control's."""
+    if opts.rm_data == "builtin":
+        return pair_data(work, seed, shuffled, kto=False)
+    path = Path(policy_pairs(sft, "swiftray/arithmetic:easy_train", work / "policy_pairs_train.jsonl",
+                             opts.rm_samples, seed))
+    if not shuffled:
+        return str(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return write_jsonl(swapped_at_random(rows, seed), work / "policy_pairs_train_shuffled.jsonl")
 
 
 # ---------------------------------------------------------------------------------------- held-out measures
 
 
-def heldout_pairs(tokenizer_dir: Path) -> tuple[list[dict], object]:
+def heldout_pairs(tokenizer_dir: Path, dataset: str = TEST_PAIRS) -> tuple[list[dict], object]:
     from swiftray.data.loader import load_datasets
     from swiftray.data.preference import encode_pair, normalize_pair_row
     from swiftray.data.template import Template
@@ -94,7 +146,7 @@ def heldout_pairs(tokenizer_dir: Path) -> tuple[list[dict], object]:
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     template = Template(tokenizer)
-    rows = list(load_datasets([TEST_PAIRS], shuffle=False, normalize=normalize_pair_row))
+    rows = list(load_datasets([dataset], shuffle=False, normalize=normalize_pair_row))
     return [encode_pair(template, row) for row in rows], tokenizer
 
 
@@ -245,15 +297,21 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
                                           **preference_accuracy(ckpt, sft, pairs, pad)})
         elif method == "rm":
             settings = {"lr": opts.lr["rm"], "steps": opts.steps["rm"], "pairs_per_step": opts.pairs_per_step}
+            if opts.rm_data == "policy":
+                settings["data"] = f"policy samples x{opts.rm_samples}"
+                policy_test = heldout_pairs(sft, policy_pairs(sft, TEST_TASK, work / "policy_pairs_test.jsonl",
+                                                              opts.rm_samples, seed + 1))[0]
             for shuffled in (False, True):
                 name = f"rm{'_control' if shuffled else ''}"
                 if not done(name, settings):
-                    flags = ["--rlhf_type", "rm", "--dataset", pair_data(work, seed, shuffled, kto=False),
+                    flags = ["--rlhf_type", "rm", "--dataset", rm_dataset(sft, work, seed, shuffled, opts),
                              "--per_device_train_batch_size", str(opts.pairs_per_step),
                              "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr["rm"])]
                     ckpt = rlhf(flags + common(sft, work / name, seed, opts.steps["rm"]))
-                    keep(name, settings, {"pair_accuracy": reward_model_accuracy(ckpt, pairs, pad),
-                                          "checkpoint": str(ckpt)})
+                    measured = {"pair_accuracy": reward_model_accuracy(ckpt, pairs, pad), "checkpoint": str(ckpt)}
+                    if opts.rm_data == "policy":  # and on the policy's own held-out right/wrong pairs
+                        measured["policy_pair_accuracy"] = reward_model_accuracy(ckpt, policy_test, pad)
+                    keep(name, settings, measured)
         elif method == "grpo_rm":
             trained = Path(result.get("rm", {}).get("checkpoint") or opts.reward_model)
             untrained = untrained_reward_model(sft, work / "untrained-rm", seed)
@@ -316,9 +374,14 @@ def render(results: list[dict], opts: argparse.Namespace) -> str:
                   "gives, and the gap to it what the preferences add."]
     if any("rm" in r for r in results):
         lines += ["", "## Reward model: held-out pairs ranked right (chance: 50%)", "",
-                  "| seed | trained on the pairs | control (shuffled pairs) |", "| --- | --- | --- |"]
-        lines += [f"| {r['seed']} | {pct(r['rm']['pair_accuracy'])} | {pct(r['rm_control']['pair_accuracy'])} |"
-                  for r in results if "rm" in r]
+                  "| seed | trained on | built-in pairs | control (shuffled) | the SFT model's own right/wrong pairs | "
+                  "control |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in results:
+            if "rm" in r:
+                rm, ctl = r["rm"], r["rm_control"]
+                own = [pct(x["policy_pair_accuracy"]) if "policy_pair_accuracy" in x else "-" for x in (rm, ctl)]
+                lines.append(f"| {r['seed']} | {rm['settings'].get('data', 'built-in pairs')} | "
+                             f"{pct(rm['pair_accuracy'])} | {pct(ctl['pair_accuracy'])} | {own[0]} | {own[1]} |")
     if any("grpo_rm" in r for r in results):
         lines += ["", "## GRPO with the reward model as its only reward: held-out task accuracy", "",
                   "| seed | SFT | GRPO, trained RM (change) | GRPO, untrained RM (change) |", "| --- | --- | --- | --- |"]
@@ -352,6 +415,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="JSON: learning rate per method")
     p.add_argument("--method_flags", type=json.loads, default={},
                    help='JSON: extra `swiftray rlhf` flags per method, e.g. \'{"dpo": ["--rpo_alpha", "1"]}\'')
+    p.add_argument("--rm_data", choices=["builtin", "policy"], default="builtin",
+                   help="the reward model's pairs: the built-in ones, or the SFT model's own samples labelled by "
+                        "the accuracy rule (one right against one wrong per prompt)")
+    p.add_argument("--rm_samples", type=int, default=4, help="--rm_data policy: samples per prompt")
     p.add_argument("--grpo_steps", type=int, default=100)
     p.add_argument("--grpo_lr", type=float, default=1e-4)
     p.add_argument("--grpo_beta", type=float, default=0.0, help="GRPO's KL coefficient against the SFT model")

@@ -38,7 +38,9 @@ def test_processes_are_told_apart_by_their_ray_titles() -> None:
         ("ray::RolloutActor",): "rollout",
         ("ray::ReferenceActor.logprobs",): "reference",
         ("ray::RewardModelActor.score",): "rewardmodel",
-        ("ray::IDLE",): "ray idle worker",
+        ("ray::IDLE",): "ray task and idle workers",
+        ("ray::make_step_batch",): "ray task and idle workers",
+        ("ray::DashboardAgent",): "ray daemons",
         ("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--node_ip_address=127.0.0.1"):
             "ray daemons",
         ("/venv/bin/python", "something_else.py"): "other",
