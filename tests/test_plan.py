@@ -241,3 +241,29 @@ def test_roles_start_where_the_plan_says_on_fake_gpus(tiny_model_dir, tmp_path, 
     else:
         assert not set(rollout) & set(policy) and len(set(rollout)) == 4
     assert where["reward"][0]["gpus"] == []
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_half_precision_on_a_cpu_without_its_matmul_units_is_named_in_the_plan(tiny_model_dir, monkeypatch, fast):
+    # Without AVX-512 BF16 / AMX, torch multiplies bf16 matrices in a reference loop (60x slower here).
+    monkeypatch.setattr("swiftray.plan.cpu_has_fast_matmul", lambda dtype: fast)
+    cpu = Cluster((Node(4, 0),), "test")
+    plan = rlhf_plan(tiny_model_dir, cpu, "--rollout_dtype", "bfloat16", nproc=2)
+    noted = [n for n in plan.notes if "matmul units" in n]
+    assert noted == ([] if fast else [noted[0]])
+    if not fast:
+        assert noted[0].startswith("--rollout_dtype bfloat16: this CPU has no bfloat16 matmul units")
+    fp32 = rlhf_plan(tiny_model_dir, cpu, nproc=2)
+    assert not [n for n in fp32.notes if "matmul units" in n]
+    sft = build_plan(parse_args(SftArguments, ["--model", str(tiny_model_dir), "--dataset", "d", "--torch_dtype",
+                                               "bf16"]), get_algorithm("sft")(), cpu, train_units=10)
+    assert bool([n for n in sft.notes if n.startswith("--torch_dtype bfloat16: this CPU")]) is not fast
+
+
+def test_the_fast_matmul_check_agrees_with_torch():
+    import torch
+
+    from swiftray.plan import cpu_has_fast_matmul
+
+    assert cpu_has_fast_matmul("float32")
+    assert cpu_has_fast_matmul("bfloat16") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
