@@ -91,6 +91,12 @@ class Bench:
                    ("trl", 0, "bf16")]
         if self.msswift():  # ms-swift's packing needs flash-attn (padding-free): unpacked only
             configs += [("msswift", 0, "fp32"), ("msswift", 0, "bf16")]
+        from swiftray.plan import cpu_has_fast_matmul
+
+        if not cpu_has_fast_matmul("bfloat16"):  # bf16 would run a reference loop: every row 50x slower
+            configs = [c for c in configs if c[2] == "fp32"]
+            self.results["bf16_skipped"] = ("this CPU has no bf16 matmul units (no AVX-512 BF16 or AMX): torch "
+                                            "multiplies bf16 in a reference loop, so the bf16 rows were not run")
         runs = []
         for rep in range(o.sft_repeats):
             for contender, packing, precision in rotated(configs, rep):

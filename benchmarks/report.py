@@ -285,7 +285,7 @@ def write(res: dict[str, Any], md_path: Path, png_path: Path) -> None:
               f"{o.get('grpo_repeats')} repeats; s/step = (end of step K - end of step 1) / (K - 1)",
               f"- Benchmark time: {sum(sections.values()) / 60:.1f} min ("
               + ", ".join(f"{k} {v / 60:.1f}" for k, v in sections.items()) + "; min)",
-              load_warning(res), ""]
+              load_warning(res)] + ([f"- bf16: {res['bf16_skipped']}"] if res.get("bf16_skipped") else []) + [""]
     summary: dict[str, Any] = {}
     if "sft" in res:
         text, summary["sft"] = sft_section(res)
