@@ -139,7 +139,7 @@ def main() -> None:
     result = run_sft(opts) if opts.mode == "sft" else run_grpo(opts)
     from importlib.metadata import version
 
-    result.update(contender="ms-swift", mode=opts.mode, packing=bool(opts.packing), precision=opts.precision,
+    result.update(contender="msswift", mode=opts.mode, packing=bool(opts.packing), precision=opts.precision,
                   steps=opts.steps, threads=torch.get_num_threads(), ms_swift=version("ms-swift"))
     emit(result)
 

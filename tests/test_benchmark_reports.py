@@ -75,3 +75,11 @@ def test_the_memory_verdicts_follow_the_figures() -> None:
              run("trl", 64, 0, 1600)]
     text = memory_section(grown, steps=3)
     assert "+20.0% (target within 10%: missed)" in text and "2.06x" in text and "target <= 2x: missed" in text
+
+
+def test_every_sft_contender_main_runs_has_a_name_in_the_report() -> None:
+    from benchmarks.report import sft_name
+
+    assert sft_name(("msswift", False, "fp32")) == "ms-swift sft, fp32"
+    assert sft_name(("swiftray", True, "bf16")) == "swiftray sft --packing, bf16 weights"
+    assert sft_name(("trl", True, "fp32")) == "TRL SFTTrainer packing=True, fp32"
