@@ -63,7 +63,7 @@ def section(runs: list[dict[str, Any]], steps: int) -> str:
     swift = [r for r in runs if r["contender"] == "swiftray"]
     trl = {r["completions"]: r for r in runs if r["contender"] == "trl"}
     roles = [role for role in ROLE_ORDER if any(role in r["peak_rss_role_mb"] for r in swift)]
-    lines = ["## 9. Memory per role as the completions per step grow", "",
+    lines = ["## 8. Memory per role as the completions per step grow", "",
              "Written by `python benchmarks/memory_bench.py` (raw: `benchmarks/work/memory.json`). GRPO on the "
              f"benchmark model, one prompt x N completions per step, 64 new tokens, {steps} steps; peak RSS in MB "
              "per role (each role's processes summed, each sampled 4x a second; shared pages count once per "

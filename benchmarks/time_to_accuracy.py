@@ -157,7 +157,7 @@ NAMES = {"swiftray": "swiftray rlhf", "trl": "TRL GRPOTrainer"}
 def section(result: dict[str, Any]) -> str:
     base = result["start_accuracy"]
     c = result["contenders"]
-    lines = ["## 8. Time to accuracy: GRPO minutes until the model is better", "",
+    lines = ["## 9. Time to accuracy: GRPO minutes until the model is better", "",
              "Written by `python benchmarks/time_to_accuracy.py` (raw: `benchmarks/work/time_to_accuracy.json`; "
              "plot: `time_to_accuracy.png`). The demo's GRPO from the same SFT checkpoint "
              f"(`{result['sft_checkpoint']}`, held-out greedy accuracy {100 * base:.1f}% on 300 `easy_test` "
