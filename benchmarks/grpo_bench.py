@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.harness import emit, read_jsonl  # noqa: E402
+from benchmarks.harness import emit, read_jsonl, step_end_recorder  # noqa: E402
 
 
 def step_summary(ends: list[float], rewards: list[float], start: float) -> dict[str, Any]:
@@ -122,7 +122,7 @@ def prompt_texts(model: str, data: Path) -> list[dict[str, str]]:
 
 def run_trl(opts: argparse.Namespace) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     rows = prompt_texts(opts.model, opts.data)
@@ -140,12 +140,7 @@ def run_trl(opts: argparse.Namespace) -> dict[str, Any]:
     trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(), args=config, train_dataset=ds,
                           processing_class=AutoTokenizer.from_pretrained(opts.model))
     ends: list[float] = []
-
-    class StepEnd(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            ends.append(time.perf_counter())
-
-    trainer.add_callback(StepEnd())
+    trainer.add_callback(step_end_recorder(ends))
     trainer.train()
     rewards = [float(h["reward"]) for h in trainer.state.log_history if "reward" in h]
     return step_summary(ends, rewards, start)

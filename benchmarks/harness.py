@@ -246,6 +246,17 @@ def write_section(name: str, text: str, path: Path = BENCH_DIR / "RESULTS.md") -
     path.write_text(doc)
 
 
+def step_end_recorder(ends: list[float], since: float = 0.0) -> Any:
+    """A transformers TrainerCallback appending `perf_counter() - since` to `ends` at every step's end."""
+    from transformers import TrainerCallback
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            ends.append(time.perf_counter() - since)
+
+    return StepEnd()
+
+
 class Timer:
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.harness import emit, read_jsonl  # noqa: E402
+from benchmarks.harness import emit, read_jsonl, step_end_recorder  # noqa: E402
 
 
 def encoded_rows(model: str, data: Path, max_length: int) -> list[dict[str, list[int]]]:
@@ -117,8 +117,6 @@ def _trainer_common(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def _instrument(trainer: Any, tokens: list[int], ends: list[float]) -> None:
-    from transformers import TrainerCallback
-
     collate = trainer.data_collator
 
     def counted(features: list[dict]) -> dict:
@@ -128,12 +126,8 @@ def _instrument(trainer: Any, tokens: list[int], ends: list[float]) -> None:
         tokens.append(int(mask.sum()) if mask is not None and mask.dim() == 2 else int(batch["input_ids"].numel()))
         return batch
 
-    class StepEnd(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            ends.append(time.perf_counter())
-
     trainer.data_collator = counted
-    trainer.add_callback(StepEnd())
+    trainer.add_callback(step_end_recorder(ends))
 
 
 def _losses(trainer: Any) -> list[float]:

@@ -28,7 +28,15 @@ from typing import Any
 
 START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.harness import BENCH_DIR, WORK, emit, run_contender, thread_env, write_section  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    BENCH_DIR,
+    WORK,
+    emit,
+    run_contender,
+    step_end_recorder,
+    thread_env,
+    write_section,
+)
 
 TEST = "swiftray/arithmetic:easy_test"
 GAINS = (5, 10, 15, 20)
@@ -75,7 +83,7 @@ def run_swiftray(opts: argparse.Namespace) -> dict[str, Any]:
 def run_trl(opts: argparse.Namespace) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from benchmarks.grpo_bench import prompt_texts, reward_functions
@@ -94,12 +102,7 @@ def run_trl(opts: argparse.Namespace) -> dict[str, Any]:
     trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(), args=config, train_dataset=ds,
                           processing_class=AutoTokenizer.from_pretrained(opts.model))
     ends: list[float] = []
-
-    class StepEnd(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            ends.append(time.perf_counter() - START)
-
-    trainer.add_callback(StepEnd())
+    trainer.add_callback(step_end_recorder(ends, since=START))
     trainer.train()
     return {"step_ends_s": ends}
 
