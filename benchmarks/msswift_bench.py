@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.grpo_bench import step_summary  # noqa: E402
 from benchmarks.harness import emit  # noqa: E402
-from benchmarks.sft_bench import TORCH_DTYPE, summarize  # noqa: E402
+from benchmarks.sft_bench import TORCH_DTYPE, add_sft_options, summarize  # noqa: E402
 
 
 def instrument_trainer(tokens: list[int], ends: list[float], losses: list[float],
@@ -119,16 +119,7 @@ def run_grpo(opts: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("sft", "grpo"))
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max_length", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--packing", type=int, default=0)
-    p.add_argument("--precision", choices=list(TORCH_DTYPE), default="fp32")
-    p.add_argument("--threads", type=int, default=2)
+    add_sft_options(p)
     p.add_argument("--num_generations", type=int, default=8)
     p.add_argument("--max_completion_length", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.04)

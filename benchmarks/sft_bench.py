@@ -190,9 +190,8 @@ def run_hf(opts: argparse.Namespace) -> dict[str, Any]:
     return summarize(ends, tokens, _losses(trainer), start)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contender", choices=("swiftray", "trl", "hf"), required=True)
+def add_sft_options(p: argparse.ArgumentParser) -> None:
+    """The options every SFT contender takes (ms-swift's script, in its own venv, too)."""
     p.add_argument("--model", required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -206,6 +205,12 @@ def main() -> None:
                         "with a bf16 model and bf16=True); bf16_autocast: fp32 weights, bf16 matmuls under "
                         "autocast (TRL/Trainer bf16=True with an fp32 model)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the TRL / Trainer process")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contender", choices=("swiftray", "trl", "hf"), required=True)
+    add_sft_options(p)
     p.add_argument("--workers", type=int, default=1, help="swiftray: policy workers sharing the cores")
     opts = p.parse_args()
     opts.packing = bool(opts.packing)
