@@ -24,7 +24,7 @@ from swiftray.algorithms.grpo import GRPO
 from swiftray.arguments import RlhfArguments
 from swiftray.cli_parser import parse_args
 from swiftray.controller import rl
-from swiftray.controller.rl_tasks import BatchTasks, make_step_batch
+from swiftray.controller.rl_tasks import make_step_batch
 from swiftray.experience import RolloutBatch
 from swiftray.models.token_stats import token_entropy
 from swiftray.plan import BatchPlan
@@ -116,7 +116,7 @@ def main_run(ray_cluster, tiny_model_dir, plugin, tmp_path_factory):  # noqa: F8
     seen = {"gets": [], "puts": [], "ranked": [], "step_batch_args": [], "events": []}
     real_get, real_put = ray.get, ray.put
     real_ranked = ActorGroup.call_all_ranked
-    real_call = BatchTasks.call
+    real_step_batch = rl.make_step_batch
     real_generate, real_train = rl.RLStep.generate, rl.RLStep.train
 
     def generate(self, *a, **kw):
@@ -140,16 +140,23 @@ def main_run(ray_cluster, tiny_model_dir, plugin, tmp_path_factory):  # noqa: F8
         seen["ranked"].append((self.name, method, list(per_rank_args)))
         return real_ranked(self, method, per_rank_args, *a, **kw)
 
-    def call(self, fn, *args, **kw):
-        if fn is make_step_batch:
-            seen["step_batch_args"].append(args)
-        return real_call(self, fn, *args, **kw)
+    class StepBatchSpy:
+        def options(self, **kw):
+            opts = real_step_batch.options(**kw)
+
+            class Remote:
+                @staticmethod
+                def remote(*args):
+                    seen["step_batch_args"].append(args)
+                    return opts.remote(*args)
+
+            return Remote()
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ray, "get", get)
         mp.setattr(ray, "put", put)
         mp.setattr(ActorGroup, "call_all_ranked", ranked)
-        mp.setattr(BatchTasks, "call", call)
+        mp.setattr(rl, "make_step_batch", StepBatchSpy())
         mp.setattr(rl.RLStep, "generate", generate)
         mp.setattr(rl.RLStep, "train", train)
         run_dir, train = run(tmp_path_factory.mktemp("main"), tiny_model_dir, "--beta", "0.04",
@@ -260,14 +267,13 @@ def test_staleness_beyond_the_algorithm_bound_raises(ray_cluster):  # noqa: F811
                          rewards=[0.0, 1.0])
     ref = ray.put(batch)
     one_rank = BatchPlan(world_size=1, micro_batch_size=2, accumulation=1, eval_batch_size=1, num_generations=2)
-    tasks = BatchTasks()
-    algorithm = GRPO(num_generations=2, beta=0.0, max_staleness=1)
-    ok = tasks.call(make_step_batch, algorithm, [ref], one_rank, 0, 1, 0, num_returns=2)
+    ok = make_step_batch.options(num_returns=2).remote(GRPO(num_generations=2, beta=0.0, max_staleness=1),
+                                                       [ref], one_rank, 0, 1, 0)
     assert ray.get(ok[1])["metrics"]["staleness"] == 1
-    stale = tasks.call(make_step_batch, algorithm, [ref], one_rank, 0, 2, 0, num_returns=2)
+    stale = make_step_batch.options(num_returns=2).remote(GRPO(num_generations=2, beta=0.0, max_staleness=1),
+                                                          [ref], one_rank, 0, 2, 0)
     with pytest.raises(RuntimeError, match=r"version 0 are 2 steps behind .* allows 1"):
         ray.get(stale[1])
-    tasks.close()
     args = parse_args(RlhfArguments, ["--model", "m", "--dataset", "d", "--async_generate", "true"])
     assert GRPO.from_args(args).max_staleness == 1
 
@@ -314,16 +320,14 @@ def test_fill_dynamic_stops_when_full_and_falls_back_when_exhausted(ray_cluster)
     algo = GRPO(num_generations=2, beta=0.0, dynamic_sample=True)
     flat, half, varied = [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 2.0, 3.0]
     queue = [batch(half), batch(varied)]
-    tasks = BatchTasks()
-    refs, dropped, resampled = rl.fill_dynamic(tasks, [batch(flat)], algo, 3, 4, lambda attempt: [queue.pop(0)])
+    refs, dropped, resampled = rl.fill_dynamic([batch(flat)], algo, 3, 4, lambda attempt: [queue.pop(0)])
     assert (dropped, resampled) == (6, 2) and not queue
     kept = [ray.get(r) for r in refs]
     assert [b.rewards for b in kept] == [[], [0.0, 1.0], [0.0, 1.0, 2.0, 3.0]]
 
     first = [batch(flat)]
-    refs, dropped, resampled = rl.fill_dynamic(tasks, first, algo, 1, 4, lambda attempt: [batch(half)])
+    refs, dropped, resampled = rl.fill_dynamic(first, algo, 1, 4, lambda attempt: [batch(half)])
     assert (refs, dropped, resampled) == (first, 6, 1)  # not enough: train on the step's own rollouts
-    tasks.close()
 
 
 # ------------------------------------------------------------------ the reference document's GRPO command

@@ -6,7 +6,7 @@
         refs = fill_dynamic(refs)                         # if the algorithm resamples filtered groups
         sleep engines                                     # colocated: free their memory for training
         refs = annotate(refs)                             # reference log-probs, a critic's values ...
-        shards = make_step_batch(algorithm, refs)          # in BatchTasks' actor: advantages, a shard per rank
+        shards = make_step_batch(algorithm, refs)          # a Ray task: advantages, one shard per rank
         onload policy; train policy (and trained roles)   # each rank pulls its own shard
         save?; wake engines' weights; sync(step); offload policy; wake KV cache
         log / eval on the plan's schedule
@@ -48,7 +48,6 @@ from swiftray.controller.ledger import Ledger
 from swiftray.controller.recovery import PolicyKeeper
 from swiftray.controller.rl_data import PromptSampler, encode_prompts, readable_error, ship_plugins_by_value
 from swiftray.controller.rl_tasks import (
-    BatchTasks,
     attach_old_logprobs,
     filter_groups,
     join_rollouts,
@@ -90,7 +89,6 @@ class RLStep:
         self.restarts: list[dict[str, Any]] = []  # policy restarts since the last step's ledger line
         self.memory: dict[str, float] = {}
         self.policy_onloaded = False
-        self.tasks = BatchTasks()  # advantages, shards and summaries, computed off the driver
 
     def generate(self, rows: list[dict[str, Any]], params: Any, seed: int, ids: list[int] | None = None,
                  step: int | None = None, resample: int = 0) -> Request:
@@ -131,11 +129,11 @@ class RLStep:
         if not collective:
             return refs
         b = self.plan.batch
-        whole, *slices = self.tasks.call(split_rollouts, refs, b.completions_per_generation, b.world_size,
-                                         num_returns=b.world_size + 1)
+        whole, *slices = split_rollouts.options(num_returns=b.world_size + 1).remote(
+            refs, b.completions_per_generation, b.world_size)
         for group in collective:  # model-parallel peers share a slice: one answer per slice goes on
             slices = group.one_per_shard(group.call_all_ranked("annotate", slices))
-        return [self.tasks.call(join_rollouts, whole, *slices)]
+        return [join_rollouts.remote(whole, *slices)]
 
     def commit(self, step: int) -> dict[str, float]:
         """Write step's ledger line (its prompts, the weight versions that generated them, the faults met);
@@ -169,8 +167,8 @@ class RLStep:
         micro-batches, computed in a Ray task."""
         b = self.plan.batch
         steps, world = b.optimizer_steps_per_generation, b.world_size
-        *flat, summary = self.tasks.call(make_step_batch, self.algorithm, refs, b, self.pad_token_id, version,
-                                         num_logged, num_returns=steps * world + 1)
+        *flat, summary = make_step_batch.options(num_returns=steps * world + 1).remote(
+            self.algorithm, refs, b, self.pad_token_id, version, num_logged)
         return [flat[k * world:(k + 1) * world] for k in range(steps)], summary
 
     def train(self, shards: list[list]) -> list[dict[str, float]]:
@@ -180,7 +178,7 @@ class RLStep:
         iterations = self.algorithm.num_iterations
         if (iterations > 1 or len(shards) > 1) and not self.algorithm.annotate_with_policy:
             policy = self.roles["policy"]
-            shards = [[self.tasks.call(attach_old_logprobs, shard, lp) for shard, lp in
+            shards = [[attach_old_logprobs.remote(shard, lp) for shard, lp in
                        zip(step_shards, policy.one_per_shard(policy.call_all_ranked("compute_logprobs", step_shards)))]
                       for step_shards in shards]
         out = []
@@ -266,7 +264,7 @@ def run_rlhf(args: Any) -> Path | None:
 
     run_dir = start_run(args, plan)
     roles = RunningRoles(plan)
-    tracker = rl = None
+    tracker = None
     try:
         rl = RLStep(plan, roles, tokenizer.pad_token_id, run_dir)
         step, best = 0, BestCheckpoint()
@@ -293,7 +291,7 @@ def run_rlhf(args: Any) -> Path | None:
             if not val_prompts:
                 return None
             refs = rl.collect(rl.generate(val_prompts, step_plan.eval_sampling, args.seed))
-            metrics = ray.get(rl.tasks.call(score_eval, refs))
+            metrics = ray.get(score_eval.remote(refs))
             tracker.log(step, metrics, prefix="eval/")
             return metrics
 
@@ -321,7 +319,7 @@ def run_rlhf(args: Any) -> Path | None:
                 resampled = dropped = 0
                 if algorithm.resample_filtered:
                     refs, dropped, resampled = fill_dynamic(
-                        rl.tasks, refs, algorithm, step_plan.max_resample_times, b.completions_per_generation,
+                        refs, algorithm, step_plan.max_resample_times, b.completions_per_generation,
                         lambda attempt, step=step: rl.collect(request(step, attempt)["work"]))
                 rl.sleep_engines()
                 shards, summary_ref = rl.step_batch(rl.annotate(refs), step - 1,
@@ -371,8 +369,6 @@ def run_rlhf(args: Any) -> Path | None:
     finally:
         if tracker is not None:
             tracker.close()
-        if rl is not None:
-            rl.tasks.close()
         roles.shutdown()
     finish(run_dir, best)
     return run_dir
@@ -393,7 +389,7 @@ def iteration_metrics(per_iteration: list[dict[str, float]]) -> dict[str, float]
     return out
 
 
-def fill_dynamic(tasks: BatchTasks, refs: list[ray.ObjectRef], algorithm: Any, max_resample_times: int, needed: int,
+def fill_dynamic(refs: list[ray.ObjectRef], algorithm: Any, max_resample_times: int, needed: int,
                  resample: Any) -> tuple[list[ray.ObjectRef], int, int]:
     """DAPO dynamic sampling: keep the groups whose rewards differ, generating more until the step is full.
 
@@ -406,7 +402,7 @@ def fill_dynamic(tasks: BatchTasks, refs: list[ray.ObjectRef], algorithm: Any, m
     for attempt in range(max_resample_times + 1):
         if attempt:
             refs = resample(attempt)
-        batch_ref, counts_ref = tasks.call(filter_groups, algorithm, refs, num_returns=2)
+        batch_ref, counts_ref = filter_groups.options(num_returns=2).remote(algorithm, refs)
         n_kept, n_dropped = ray.get(counts_ref)
         kept_refs.append(batch_ref)
         kept, dropped = kept + n_kept, dropped + n_dropped

@@ -1,19 +1,15 @@
-"""The RL driver's batch plumbing, run away from the driver so that rollout data never passes through it.
+"""Ray tasks the RL driver launches so that rollout data never passes through the driver.
 
-Each function takes ObjectRefs of scored RolloutBatches and returns refs (or small summaries); they only
-call the algorithm's methods and the shared batch plumbing. `BatchTasks.call` runs them in one long-lived
-actor: as plain Ray tasks, each concurrent call got a worker process of its own, which imported torch
-and then sat idle (1.2 GB of the memory benchmark's GRPO row, benchmarks/findings.md).
+Each takes ObjectRefs of scored RolloutBatches and returns refs (or small summaries).
+They only call the algorithm's methods and the shared batch plumbing.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from swiftray.experience import (
     RolloutBatch,
@@ -30,6 +26,7 @@ def _gather(refs: list[ray.ObjectRef]) -> RolloutBatch:
     return concat_rollouts(ray.get(list(refs)))
 
 
+@ray.remote(num_cpus=0)
 def filter_groups(algorithm: Any, refs: list[ray.ObjectRef]) -> tuple[RolloutBatch, tuple[int, int]]:
     """Dynamic sampling: the completions worth training on, and (kept, dropped) counts."""
     batch = _gather(refs)
@@ -37,6 +34,7 @@ def filter_groups(algorithm: Any, refs: list[ray.ObjectRef]) -> tuple[RolloutBat
     return select(batch, keep), (len(keep), len(batch) - len(keep))
 
 
+@ray.remote(num_cpus=0)
 def make_step_batch(algorithm: Any, refs: list[ray.ObjectRef], batch_plan: Any, pad_token_id: int,
                     policy_version: int, num_logged: int) -> tuple:
     """(shard for rank 0 of optimizer step 0, ..., rank N-1 of the last optimizer step, summary).
@@ -78,6 +76,7 @@ def advantage_abs_mean(rows: dict[str, Any]) -> dict[str, float]:
     return {"advantage/abs_mean": float(advantages[mask].abs().mean()) if mask.any() else 0.0}
 
 
+@ray.remote(num_cpus=0)
 def split_rollouts(refs: list[ray.ObjectRef], size: int, world_size: int) -> tuple:
     """(the step's first `size` rollouts as one batch, then its equal slice for each rank)."""
     batch = _gather(refs)
@@ -86,11 +85,13 @@ def split_rollouts(refs: list[ray.ObjectRef], size: int, world_size: int) -> tup
     return (batch, *rank_slices(batch, world_size))
 
 
+@ray.remote(num_cpus=0)
 def join_rollouts(whole: RolloutBatch, *slices: RolloutBatch) -> RolloutBatch:
     """The rank slices, annotated, as the step's one batch again."""
     return rejoin_slices(whole, list(slices))
 
 
+@ray.remote(num_cpus=0)
 def attach_old_logprobs(shard: list[dict[str, Any]], logprobs: list[Any]) -> list[dict[str, Any]]:
     """A rank's micro-batches with `old_logprobs`: the policy's log-probs before the step's first update."""
     if len(shard) != len(logprobs):
@@ -98,6 +99,7 @@ def attach_old_logprobs(shard: list[dict[str, Any]], logprobs: list[Any]) -> lis
     return [{**micro, "old_logprobs": lp} for micro, lp in zip(shard, logprobs)]
 
 
+@ray.remote(num_cpus=0)
 def score_eval(refs: list[ray.ObjectRef]) -> dict[str, float]:
     """Held-out metrics: mean of each reward over greedy completions, and their length."""
     batch = _gather(refs)
@@ -126,30 +128,3 @@ def completion_rows(batch: RolloutBatch, limit: int) -> list[dict[str, Any]]:
                      "reward": batch.rewards[i] if batch.rewards else None,
                      **{k: v[i] for k, v in batch.reward_per_func.items()}})
     return rows
-
-
-@ray.remote(num_cpus=0)
-class BatchTasksActor:
-    """Runs the functions above on the driver's behalf. Threaded (max_concurrency), so that a call blocked
-    on rollouts still being generated (async mode) does not hold up the others."""
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(*args)
-
-
-class BatchTasks:
-    """The driver's handle on its BatchTasksActor, placed on the driver's node (soft: elsewhere if that
-    node is full) and restarted by Ray if lost, its pending calls retried (each is a pure function)."""
-
-    def __init__(self) -> None:
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.actor = BatchTasksActor.options(scheduling_strategy=here, max_concurrency=16, max_restarts=-1,
-                                             max_task_retries=-1).remote()
-
-    def call(self, fn: Callable[..., Any], *args: Any, num_returns: int = 1) -> Any:
-        """fn(*args) in the actor: one ref, or a list of `num_returns` refs. Top-level ObjectRef arguments
-        arrive resolved, as with a Ray task; refs inside lists arrive as refs."""
-        return self.actor.run.options(num_returns=num_returns).remote(fn, *args)
-
-    def close(self) -> None:
-        ray.kill(self.actor)
