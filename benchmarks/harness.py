@@ -50,6 +50,9 @@ def thread_env(threads: int, wait_policy: str) -> dict[str, str]:
 RAY_DAEMONS = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray_client_server")
 
 
+IDLE_ROLE = "ray task and idle workers"
+
+
 def process_role(proc: Any, root_pid: int) -> str:
     """What a process of a contender's tree is: the driver, a swiftray role's actor (Ray titles them
     `ray::PolicyActor...`), one of Ray's daemons, or an idle Ray worker."""
@@ -67,30 +70,59 @@ def process_role(proc: Any, root_pid: int) -> str:
             return "ray daemons"
         if name.endswith("Actor"):
             return name.removesuffix("Actor").lower()
-        return "ray task and idle workers"  # `ray::IDLE`, or a worker running a task (`ray::make_step_batch`)
+        return IDLE_ROLE  # `ray::IDLE`, or a worker running a task (`ray::make_step_batch`)
+    if "default_worker.py" in cmd:  # a Ray worker before it takes its `ray::` title
+        return IDLE_ROLE
     return "ray daemons" if any(d in cmd for d in RAY_DAEMONS) else "other"
 
 
-def _tree_rss(proc: Any) -> tuple[int, int, dict[str, int]]:
-    """(sum of RSS over the process tree, largest single-process RSS, RSS summed per role) in bytes."""
+def _tree_rss(proc: Any) -> dict[int, tuple[int, str]]:
+    """{pid: (RSS in bytes, role by its title now)} over the process tree."""
     import psutil
 
-    total = largest = 0
-    roles: dict[str, int] = {}
     try:
         procs = [proc] + proc.children(recursive=True)
     except psutil.Error:
-        return 0, 0, roles
+        return {}
+    out = {}
     for p in procs:
         try:
-            rss = p.memory_info().rss
+            out[p.pid] = (p.memory_info().rss, process_role(p, proc.pid))
         except psutil.Error:
             continue
-        total += rss
-        largest = max(largest, rss)
-        role = process_role(p, proc.pid)
-        roles[role] = roles.get(role, 0) + rss
-    return total, largest, roles
+    return out
+
+
+def memory_peaks(samples: list[dict[int, tuple[int, str]]]) -> dict[str, Any]:
+    """Peaks over a run's samples: of the whole tree, of its largest process, of each role's processes summed.
+
+    A Ray worker is titled `ray::IDLE` until its actor's class is loaded, and an actor's worker imports
+    torch before that, and an exiting one loses its title: all of a process's samples count for the most
+    specific role it was seen with (an actor's, then Ray's daemons, then idle, then "other"), so that an
+    actor's start-up and exit are booked to it."""
+    rank = {"other": 0, IDLE_ROLE: 1, "ray daemons": 2}  # anything else (driver, an actor's role) ranks 3
+    final: dict[int, str] = {}
+    for sample in samples:
+        for pid, (_, role) in sample.items():
+            if pid not in final or rank.get(role, 3) > rank.get(final[pid], 3):
+                final[pid] = role
+    tree = largest = 0
+    roles: dict[str, int] = {}
+    at_tree_peak: dict[str, int] = {}
+    for sample in samples:
+        total, per_role = 0, {}
+        for pid, (rss, _) in sample.items():
+            total += rss
+            largest = max(largest, rss)
+            per_role[final[pid]] = per_role.get(final[pid], 0) + rss
+        for role, rss in per_role.items():
+            roles[role] = max(roles.get(role, 0), rss)
+        if total > tree:
+            tree, at_tree_peak = total, per_role
+    mb = 2**20
+    return {"peak_rss_tree_mb": tree / mb, "peak_rss_process_mb": largest / mb,
+            "peak_rss_role_mb": {r: v / mb for r, v in roles.items()},
+            "rss_role_at_tree_peak_mb": {r: v / mb for r, v in at_tree_peak.items()}}
 
 
 def run_contender(args: list[str], *, env: dict[str, str], timeout: float, log_path: Path,
@@ -99,8 +131,7 @@ def run_contender(args: list[str], *, env: dict[str, str], timeout: float, log_p
     import psutil
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    peak = {"tree": 0, "process": 0}
-    role_peak: dict[str, int] = {}
+    samples: list[dict[int, tuple[int, str]]] = []
     load_before = os.getloadavg()[0]
     with open(log_path, "w") as log:
         proc = subprocess.Popen([python, *args], stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO, text=True)
@@ -109,11 +140,7 @@ def run_contender(args: list[str], *, env: dict[str, str], timeout: float, log_p
 
         def sample() -> None:
             while not done.is_set():
-                total, largest, roles = _tree_rss(ps)
-                peak["tree"] = max(peak["tree"], total)
-                peak["process"] = max(peak["process"], largest)
-                for role, rss in roles.items():
-                    role_peak[role] = max(role_peak.get(role, 0), rss)
+                samples.append(_tree_rss(ps))
                 done.wait(0.25)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -134,9 +161,7 @@ def run_contender(args: list[str], *, env: dict[str, str], timeout: float, log_p
         raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}); see {log_path}")
     result = json.loads(lines[-1][len("RESULT "):])
     result["load_average_1min"] = [load_before, os.getloadavg()[0]]  # other users' work skews every figure
-    result["peak_rss_tree_mb"] = peak["tree"] / 2**20
-    result["peak_rss_process_mb"] = peak["process"] / 2**20
-    result["peak_rss_role_mb"] = {role: rss / 2**20 for role, rss in role_peak.items()}
+    result.update(memory_peaks(samples))
     return result
 
 

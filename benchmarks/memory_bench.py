@@ -6,8 +6,10 @@ beside TRL's single process, as the completions per step grow.
 Each point is one GRPO run of grpo_bench.py (same model, prompts and settings as section 2; one prompt
 x N completions per step, 64 new tokens) in its own process tree; the orchestrator samples every
 process's RSS four times a second and sums it per role (harness.process_role: the driver, `policy`,
-`rollout`, `reference`, `reward` actors by their Ray process titles, Ray's daemons and agents, and the
-Ray workers that run the driver's small tasks (rl_tasks.py) or wait idle).
+`rollout`, `reference`, `reward` actors by their Ray process titles, Ray's daemons and agents, the
+Ray workers that run the driver's small tasks (rl_tasks.py) or wait idle). A process counts for the first
+role it was seen with (harness.memory_peaks): an actor's worker is titled `ray::IDLE` while it imports
+torch at start-up.
 RSS counts shared pages (torch's libraries, the /dev/shm weight buffers) once per process, so the sums
 over-state what the machine gives; TRL's figure is its one process's RSS.
 
@@ -35,8 +37,8 @@ from benchmarks.harness import (  # noqa: E402
     write_section,
 )
 
-ROLE_ORDER = ("driver", "policy", "rollout", "reference", "reward", "ray daemons", "ray task and idle workers",
-              "other")
+ROLE_ORDER = ("driver", "policy", "rollout", "reference", "reward", "ray daemons",
+              "ray task and idle workers", "other")
 
 
 def measure(opts: argparse.Namespace) -> list[dict[str, Any]]:
@@ -54,6 +56,7 @@ def measure(opts: argparse.Namespace) -> list[dict[str, Any]]:
                                 log_path=WORK / "logs" / f"{tag}.log")
             runs.append({"contender": contender, "completions": n, "peak_rss_tree_mb": run["peak_rss_tree_mb"],
                          "peak_rss_role_mb": run["peak_rss_role_mb"], "s_per_step": run["s_per_step"],
+                         "rss_role_at_tree_peak_mb": run["rss_role_at_tree_peak_mb"],
                          "load_average_1min": run["load_average_1min"]})
             (WORK / "memory.json").write_text(json.dumps(runs, indent=1))
     return runs
@@ -62,7 +65,8 @@ def measure(opts: argparse.Namespace) -> list[dict[str, Any]]:
 def section(runs: list[dict[str, Any]], steps: int) -> str:
     swift = [r for r in runs if r["contender"] == "swiftray"]
     trl = {r["completions"]: r for r in runs if r["contender"] == "trl"}
-    roles = [role for role in ROLE_ORDER if any(role in r["peak_rss_role_mb"] for r in swift)]
+    seen = {role for r in swift for role in r["peak_rss_role_mb"]}
+    roles = [role for role in ROLE_ORDER if role in seen] + sorted(seen - set(ROLE_ORDER))
     lines = ["## 8. Memory per role as the completions per step grow", "",
              "Written by `python benchmarks/memory_bench.py` (raw: `benchmarks/work/memory.json`). GRPO on the "
              f"benchmark model, one prompt x N completions per step, 64 new tokens, {steps} steps; peak RSS in MB "
@@ -84,13 +88,15 @@ def section(runs: list[dict[str, Any]], steps: int) -> str:
         lines += ["", f"Driver peak from {swift[0]['completions']} to {swift[-1]['completions']} completions: "
                   f"{min(drivers):,.0f} to {max(drivers):,.0f} MB, {100 * growth:+.1f}% "
                   f"(target within 10%: {'met' if growth <= 0.10 else 'missed'})."]
-    if swift and swift[-1]["completions"] in trl:
-        last, t = swift[-1], trl[swift[-1]["completions"]]
-        fixed = last["peak_rss_role_mb"].get("ray daemons", 0)
-        ratio = last["peak_rss_tree_mb"] / t["peak_rss_tree_mb"]
-        lines += [f"All swiftray processes at {last['completions']} completions: {ratio:.2f}x TRL's single process "
-                  f"(target <= 2x: {'met' if ratio <= 2 else 'missed'}); Ray's daemons, a fixed cost, are "
-                  f"{fixed:,.0f} MB of it."]
+    for r in (swift[0], swift[-1]) if swift else ():
+        if r["completions"] not in trl:
+            continue
+        ratio = r["peak_rss_tree_mb"] / trl[r["completions"]]["peak_rss_tree_mb"]
+        at_peak = r.get("rss_role_at_tree_peak_mb", {})
+        shares = ", ".join(f"{role} {at_peak[role]:,.0f}" for role in roles if at_peak.get(role))
+        lines += [f"All swiftray processes at {r['completions']} completions: {ratio:.2f}x TRL's single process "
+                  f"(target <= 2x: {'met' if ratio <= 2 else 'missed'})"
+                  + (f"; at that peak, in MB: {shares}." if shares else ".")]
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from benchmarks.harness import SECTION_PATTERN, process_role, write_section
+from benchmarks.harness import SECTION_PATTERN, memory_peaks, process_role, write_section
 from benchmarks.memory_bench import section as memory_section
 from benchmarks.time_to_accuracy import minutes_to_gain
 
@@ -41,6 +41,8 @@ def test_processes_are_told_apart_by_their_ray_titles() -> None:
         ("ray::IDLE",): "ray task and idle workers",
         ("ray::make_step_batch",): "ray task and idle workers",
         ("ray::DashboardAgent",): "ray daemons",
+        ("/venv/bin/python", "/venv/lib/python3.11/site-packages/ray/_private/workers/default_worker.py",
+         "--raylet-name=/tmp/ray/session/sockets/raylet"): "ray task and idle workers",
         ("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--node_ip_address=127.0.0.1"):
             "ray daemons",
         ("/venv/bin/python", "something_else.py"): "other",
@@ -48,6 +50,19 @@ def test_processes_are_told_apart_by_their_ray_titles() -> None:
     for cmdline, role in cases.items():
         assert process_role(FakeProcess(7, list(cmdline)), root_pid=1) == role, cmdline
     assert process_role(FakeProcess(1, ["python", "grpo_bench.py"]), root_pid=1) == "driver"
+
+
+def test_a_worker_that_becomes_an_actor_counts_for_that_actor_from_its_start() -> None:
+    mb = 2**20
+    idle = "ray task and idle workers"
+    samples = [{1: (500 * mb, "driver"), 7: (100 * mb, "ray daemons"), 8: (80 * mb, idle)},  # 7: worker starting
+               {1: (500 * mb, "driver"), 7: (300 * mb, idle), 8: (80 * mb, idle)},  # 7 imports torch, untitled
+               {1: (510 * mb, "driver"), 7: (900 * mb, "policy"), 8: (80 * mb, idle)},
+               {1: (505 * mb, "driver"), 7: (700 * mb, "other"), 8: (80 * mb, idle)}]  # exiting: no title
+    peaks = memory_peaks(samples)
+    assert peaks["peak_rss_role_mb"] == {"driver": 510, "policy": 900, idle: 80}
+    assert peaks["peak_rss_tree_mb"] == 1490 and peaks["peak_rss_process_mb"] == 900
+    assert peaks["rss_role_at_tree_peak_mb"] == {"driver": 510, "policy": 900, idle: 80}
 
 
 def test_minutes_to_a_gain_is_the_first_checkpoint_at_or_past_it() -> None:
