@@ -125,7 +125,8 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     work = WORK / "time_to_accuracy"
     data = train_data(work / "train.jsonl")
     base = heldout_accuracy(Path(opts.sft_checkpoint), TEST, 300, 48)
-    result: dict[str, Any] = {"sft_checkpoint": opts.sft_checkpoint, "start_accuracy": base, "steps": opts.steps,
+    result: dict[str, Any] = {"sft_checkpoint": opts.sft_checkpoint, "seed": opts.seed, "start_accuracy": base,
+                              "steps": opts.steps,
                               "eval_every": opts.eval_every, "contenders": {}}
     for contender in opts.contenders:
         out = work / contender
@@ -148,61 +149,71 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
             "startup_minutes": ends[0] / 60, "peak_rss_tree_mb": run["peak_rss_tree_mb"],
             "load_average_1min": run["load_average_1min"],
             "minutes_to_gain": {str(g): minutes_to_gain(curve, base, g) for g in GAINS}}
-    (WORK / "time_to_accuracy.json").write_text(json.dumps(result, indent=1))
-    plot(result, BENCH_DIR / "time_to_accuracy.png")
-    write_section("time_to_accuracy", section(result))
+    # One entry per GRPO seed: a run for another seed adds to the file instead of replacing it.
+    saved = WORK / "time_to_accuracy.json"
+    runs = json.loads(saved.read_text()).get("runs", {}) if saved.exists() else {}
+    runs[str(opts.seed)] = result
+    saved.write_text(json.dumps({"runs": runs}, indent=1))
+    plot(runs, BENCH_DIR / "time_to_accuracy.png")
+    write_section("time_to_accuracy", section(runs))
     return result
 
 
 NAMES = {"swiftray": "swiftray rlhf", "trl": "TRL GRPOTrainer"}
 
 
-def section(result: dict[str, Any]) -> str:
-    base = result["start_accuracy"]
-    c = result["contenders"]
+def section(runs: dict[str, dict[str, Any]]) -> str:
+    """RESULTS.md section 9 from every seed's run."""
     lines = ["## 9. Time to accuracy: GRPO minutes until the model is better", "",
              "Written by `python benchmarks/time_to_accuracy.py` (raw: `benchmarks/work/time_to_accuracy.json`; "
-             "plot: `time_to_accuracy.png`). The demo's GRPO from the same SFT checkpoint "
-             f"(`{result['sft_checkpoint']}`, held-out greedy accuracy {100 * base:.1f}% on 300 `easy_test` "
-             f"problems), {result['steps']} steps of 64 completions, checkpoints every {result['eval_every']} steps "
-             "scored afterwards. Minutes are wall-clock from the contender's launch (start-up included) to the end of "
-             "the checkpoint's step.", "",
-             "| contender | " + " | ".join(f"minutes to +{g} points" for g in GAINS)
-             + " | final accuracy (change) | minutes per step | start-up minutes | peak RSS all procs MB | load |",
-             "|---|" + "---|" * (len(GAINS) + 5)]
-    for name, r in c.items():
-        final = r["curve"][-1]["accuracy"]
-        reach = [f"{m:.1f}" if m is not None else "not reached" for m in r["minutes_to_gain"].values()]
-        lines.append(f"| {NAMES[name]} | " + " | ".join(reach) + f" | {100 * final:.1f}% ({100 * (final - base):+.1f}) | "
-                     f"{r['minutes_per_step']:.3f} | {r['startup_minutes']:.2f} | {r['peak_rss_tree_mb']:,.0f} | "
-                     + "/".join(f"{x:.1f}" for x in r["load_average_1min"]) + " |")
-    if {"swiftray", "trl"} <= set(c):
-        ratios = [f"+{g}: {s / t:.2f}x" for g, s, t in zip(GAINS, c["swiftray"]["minutes_to_gain"].values(),
-                                                             c["trl"]["minutes_to_gain"].values()) if s and t]
-        lines += ["", "swiftray's minutes over TRL's (target <= 0.5x): " + (", ".join(ratios) or "no gain both reached")]
-    lines += ["", "| step | " + " | ".join(f"{NAMES[n]}: minutes, accuracy" for n in c) + " |",
-              "|---|" + "---|" * len(c)]
-    for i, point in enumerate(next(iter(c.values()))["curve"]):
-        cells = [f"{r['curve'][i]['minutes']:.1f}, {100 * r['curve'][i]['accuracy']:.1f}%" if i < len(r["curve"])
-                 else "-" for r in c.values()]
-        lines.append(f"| {point['step']} | " + " | ".join(cells) + " |")
+             "plot: `time_to_accuracy.png`). For each seed, the demo's GRPO from that seed's SFT checkpoint, both "
+             "contenders from the same one, 64 completions per step, checkpoints scored afterwards on the 300 "
+             "held-out `easy_test` problems (greedy). Minutes are wall-clock from the contender's launch (start-up "
+             "included) to the end of the checkpoint's step."]
+    summary = []
+    for seed, result in sorted(runs.items()):
+        base, c = result["start_accuracy"], result["contenders"]
+        lines += ["", f"### Seed {seed}: from `{result['sft_checkpoint']}` (held-out accuracy {100 * base:.1f}%), "
+                  f"{result['steps']} steps, a checkpoint every {result['eval_every']}", "",
+                  "| contender | " + " | ".join(f"minutes to +{g} points" for g in GAINS)
+                  + " | final accuracy (change) | minutes per step | start-up minutes | peak RSS all procs MB | load |",
+                  "|---|" + "---|" * (len(GAINS) + 5)]
+        for name, r in c.items():
+            final = r["curve"][-1]["accuracy"]
+            reach = [f"{m:.1f}" if m is not None else "not reached" for m in r["minutes_to_gain"].values()]
+            lines.append(f"| {NAMES[name]} | " + " | ".join(reach) + f" | {100 * final:.1f}% "
+                         f"({100 * (final - base):+.1f}) | {r['minutes_per_step']:.3f} | {r['startup_minutes']:.2f} | "
+                         f"{r['peak_rss_tree_mb']:,.0f} | " + "/".join(f"{x:.1f}" for x in r["load_average_1min"]) + " |")
+        if {"swiftray", "trl"} <= set(c):
+            ratios = [f"+{g}: {s / t:.2f}x" for g, s, t in zip(GAINS, c["swiftray"]["minutes_to_gain"].values(),
+                                                                 c["trl"]["minutes_to_gain"].values()) if s and t]
+            summary.append(f"seed {seed}: " + (", ".join(ratios) or "no gain both reached"))
+        lines += ["", "| step | " + " | ".join(f"{NAMES[n]}: minutes, accuracy" for n in c) + " |",
+                  "|---|" + "---|" * len(c)]
+        for i, point in enumerate(max(c.values(), key=lambda r: len(r["curve"]))["curve"]):
+            cells = [f"{r['curve'][i]['minutes']:.1f}, {100 * r['curve'][i]['accuracy']:.1f}%" if i < len(r["curve"])
+                     else "-" for r in c.values()]
+            lines.append(f"| {point['step']} | " + " | ".join(cells) + " |")
+    if summary:
+        lines += ["", "swiftray's minutes over TRL's to each gain (target <= 0.5x): " + "; ".join(summary) + "."]
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, c in result["contenders"].items():
-        ax.plot([p["minutes"] for p in c["curve"]], [100 * p["accuracy"] for p in c["curve"]], marker="o",
-                label={"swiftray": "swiftray rlhf", "trl": "TRL GRPOTrainer"}.get(name, name))
+    for seed, result in sorted(runs.items()):
+        for name, c in result["contenders"].items():
+            ax.plot([p["minutes"] for p in c["curve"]], [100 * p["accuracy"] for p in c["curve"]], marker="o",
+                    linestyle="-" if name == "swiftray" else "--", label=f"{NAMES.get(name, name)}, seed {seed}")
     ax.set_xlabel("wall-clock minutes from launch")
     ax.set_ylabel("held-out greedy accuracy, % (300 problems)")
     ax.set_title("GRPO from the same SFT checkpoint")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
