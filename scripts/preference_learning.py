@@ -45,9 +45,15 @@ REPO = Path(__file__).resolve().parent.parent
 # (`--rpo_alpha 1`, Pang et al. 2024: on reasoning tasks plain DPO moves preference more than accuracy).
 PAIR_METHODS = {"dpo": ["--rlhf_type", "dpo"], "rpo": ["--rlhf_type", "dpo", "--rpo_alpha", "1"],
                 "kto": ["--rlhf_type", "kto"], "simpo": ["--rlhf_type", "simpo", "--cpo_alpha", "0"],
-                "orpo": ["--rlhf_type", "orpo"], "cpo": ["--rlhf_type", "cpo"]}
+                "orpo": ["--rlhf_type", "orpo"], "cpo": ["--rlhf_type", "cpo"],
+                # DPO on the SFT model's own samples, right against wrong by the accuracy rule (on-policy pairs)
+                "dpo_policy": ["--rlhf_type", "dpo"]}
+# Reward models: trained on the built-in pairs ("rm"), or on the SFT model's own samples labelled by the
+# accuracy rule ("rm_policy").
+REWARD_MODELS = ("rm", "rm_policy")
 TEST_PAIRS = "swiftray/arithmetic-pairs:easy_test"
 TEST_TASK = "swiftray/arithmetic:easy_test"
+TEST_SAMPLES = 4  # the SFT model's samples per held-out prompt, for held-out pairs of its own right/wrong answers
 NOTES_MARKER = "<!-- notes: written by hand, kept when --write_doc rewrites the tables above -->"
 
 
@@ -88,9 +94,10 @@ def pair_data(work: Path, seed: int, shuffled: bool, kto: bool) -> str:
 
 
 def policy_pairs(model_dir: Path, dataset: str, path: Path, samples: int, seed: int) -> str:
-    """Pairs from the model's own samples, labelled by the accuracy rule: for each prompt with a right
-    and a wrong sample among `samples` (temperature 1), one right (chosen) against one wrong (rejected).
-    A reward model trained on these sees the policy's own mistakes, not the built-in pairs' planted ones."""
+    """Pairs from the model's own samples, labelled by the accuracy rule: of `samples` completions per prompt
+    (temperature 1, as GRPO samples them), each right one is paired with a different wrong one (chosen,
+    rejected). A reward model trained on these sees the policy's own mistakes, not the built-in pairs'
+    planted ones, and is judged on the same kind of pair from held-out prompts."""
     if path.exists():
         return str(path)
     import torch
@@ -114,25 +121,25 @@ def policy_pairs(model_dir: Path, dataset: str, path: Path, samples: int, seed: 
     pairs = []
     for i, row in enumerate(rows):
         group = list(zip(texts[i * samples:(i + 1) * samples], right["accuracy"][i * samples:(i + 1) * samples]))
-        good = next((t for t, ok in group if ok == 1.0), None)
-        bad = next((t for t, ok in group if ok != 1.0), None)
-        if good is not None and bad is not None:
-            pairs.append({"messages": row["messages"][:-1] + [{"role": "assistant", "content": good}],
-                          "rejected_response": bad})
+        good = list(dict.fromkeys(t for t, ok in group if ok == 1.0))
+        bad = list(dict.fromkeys(t for t, ok in group if ok != 1.0))
+        pairs += [{"messages": row["messages"][:-1] + [{"role": "assistant", "content": g}], "rejected_response": b}
+                  for g, b in zip(good, bad)]
     return write_jsonl(pairs, path)
 
 
-def rm_dataset(sft: Path, work: Path, seed: int, shuffled: bool, opts: argparse.Namespace) -> str:
-    """The reward model's training pairs: the built-in ones, or (--rm_data policy) the SFT model's own
-    samples; shuffled: the control's."""
-    if opts.rm_data == "builtin":
-        return pair_data(work, seed, shuffled, kto=False)
-    path = Path(policy_pairs(sft, "swiftray/arithmetic:easy_train", work / "policy_pairs_train.jsonl",
-                             opts.rm_samples, seed))
+def training_pairs(on_policy: bool, sft: Path, work: Path, seed: int, shuffled: bool, opts: argparse.Namespace,
+                   kto: bool = False) -> str:
+    """`--dataset` of a run's training pairs: the built-in ones, or (on_policy) the SFT model's own samples
+    on the training prompts; shuffled: the control's."""
+    if not on_policy:
+        return pair_data(work, seed, shuffled, kto)
+    path = Path(policy_pairs(sft, "swiftray/arithmetic:easy_train",
+                             work / f"policy_pairs_train_x{opts.policy_samples}.jsonl", opts.policy_samples, seed))
     if not shuffled:
         return str(path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return write_jsonl(swapped_at_random(rows, seed), work / "policy_pairs_train_shuffled.jsonl")
+    return write_jsonl(swapped_at_random(rows, seed), path.with_name(path.stem + "_shuffled.jsonl"))
 
 
 # ---------------------------------------------------------------------------------------- held-out measures
@@ -204,6 +211,14 @@ def reward_model_accuracy(model_dir: Path, pairs: list[dict], pad: int) -> float
     return ranked(chosen, rejected)
 
 
+def run_checkpoint(run_dir: Path, measured: dict) -> Path | None:
+    """The checkpoint a kept result was measured on: recorded, or the run folder's only run's last one."""
+    if "checkpoint" in measured:
+        return Path(measured["checkpoint"])
+    versions = sorted(run_dir.glob("v*-*"))
+    return last_checkpoint(versions[0]) if len(versions) == 1 else None
+
+
 def untrained_reward_model(sft: Path, out: Path, seed: int) -> Path:
     """The SFT model with a fresh (seeded) score head: a reward model that learnt nothing."""
     from swiftray.models.loader import load_tokenizer
@@ -231,7 +246,7 @@ def common(model: Path, out: Path, seed: int, steps: int) -> list[str]:
 
 
 def train_preference(method: str, sft: Path, work: Path, seed: int, shuffled: bool, opts: argparse.Namespace) -> Path:
-    dataset = pair_data(work, seed, shuffled, kto=method == "kto")
+    dataset = training_pairs(method.endswith("_policy"), sft, work, seed, shuffled, opts, kto=method == "kto")
     # pure SimPO (--cpo_alpha 0): no NLL term, so the gain comes from the preferences alone
     flags = [*PAIR_METHODS[method], "--dataset", dataset, "--per_device_train_batch_size", str(opts.pairs_per_step),
              "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr[method]),
@@ -265,6 +280,9 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
         sft_note.write_text(str(sft))
     pairs, tokenizer = heldout_pairs(sft)
     pad = tokenizer.pad_token_id
+    # The SFT model's own right/wrong samples on held-out prompts: what a reward model must rank for GRPO.
+    policy_test = heldout_pairs(sft, policy_pairs(sft, TEST_TASK, work / f"policy_pairs_test_x{TEST_SAMPLES}.jsonl",
+                                                  TEST_SAMPLES, seed + 1))[0]
     saved = work / "result.json"
     # Runs already made with the same settings are kept (a rerun redoes only what changed).
     earlier = json.loads(saved.read_text()) if saved.exists() else {}
@@ -289,31 +307,40 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
         if method in PAIR_METHODS:
             settings = {"lr": opts.lr[method], "steps": opts.steps[method], "pairs_per_step": opts.pairs_per_step,
                         "flags": PAIR_METHODS[method] + opts.method_flags.get(method, [])}
+            if method.endswith("_policy"):
+                settings["samples"] = opts.policy_samples
             for shuffled in (False, True):
                 name = f"{method}{'_control' if shuffled else ''}"
                 if not done(name, settings):
                     ckpt = train_preference(method, sft, work, seed, shuffled, opts)
                     keep(name, settings, {"task_accuracy": heldout_accuracy(ckpt, TEST_TASK, 300, 48),
-                                          **preference_accuracy(ckpt, sft, pairs, pad)})
-        elif method == "rm":
-            settings = {"lr": opts.lr["rm"], "steps": opts.steps["rm"], "pairs_per_step": opts.pairs_per_step}
-            if opts.rm_data == "policy":
-                settings["data"] = f"policy samples x{opts.rm_samples}"
-                policy_test = heldout_pairs(sft, policy_pairs(sft, TEST_TASK, work / "policy_pairs_test.jsonl",
-                                                              opts.rm_samples, seed + 1))[0]
+                                          **preference_accuracy(ckpt, sft, pairs, pad), "checkpoint": str(ckpt)})
+                # and by the implicit reward on the SFT model's own held-out right/wrong pairs (added since
+                # some runs were kept: measured where the run's checkpoint is known)
+                ckpt = run_checkpoint(work / name, result[name])
+                if "own_pairs_implicit_reward" not in result[name] and ckpt is not None:
+                    own = preference_accuracy(ckpt, sft, policy_test, pad)["implicit_reward"]
+                    keep(name, settings, {**result[name], "own_pairs_implicit_reward": own})
+        elif method in REWARD_MODELS:
+            settings = {"lr": opts.lr[method], "steps": opts.steps[method], "pairs_per_step": opts.pairs_per_step}
+            if method == "rm_policy":
+                settings["samples"] = opts.policy_samples
             for shuffled in (False, True):
-                name = f"rm{'_control' if shuffled else ''}"
+                name = f"{method}{'_control' if shuffled else ''}"
                 if not done(name, settings):
-                    flags = ["--rlhf_type", "rm", "--dataset", rm_dataset(sft, work, seed, shuffled, opts),
+                    flags = ["--rlhf_type", "rm", "--dataset", training_pairs(method == "rm_policy", sft, work, seed, shuffled, opts),
                              "--per_device_train_batch_size", str(opts.pairs_per_step),
-                             "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr["rm"])]
-                    ckpt = rlhf(flags + common(sft, work / name, seed, opts.steps["rm"]))
-                    measured = {"pair_accuracy": reward_model_accuracy(ckpt, pairs, pad), "checkpoint": str(ckpt)}
-                    if opts.rm_data == "policy":  # and on the policy's own held-out right/wrong pairs
-                        measured["policy_pair_accuracy"] = reward_model_accuracy(ckpt, policy_test, pad)
-                    keep(name, settings, measured)
+                             "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr[method])]
+                    keep(name, settings, {"checkpoint": str(rlhf(flags + common(sft, work / name, seed,
+                                                                                 opts.steps[method])))})
+                # measured here, so a kept reward model gains a measure added since it was trained
+                ranks = {key: reward_model_accuracy(Path(result[name]["checkpoint"]), heldout, pad)
+                         for key, heldout in (("pair_accuracy", pairs), ("policy_pair_accuracy", policy_test))
+                         if key not in result[name]}
+                if ranks:
+                    keep(name, settings, {**result[name], **ranks})
         elif method == "grpo_rm":
-            trained = Path(result.get("rm", {}).get("checkpoint") or opts.reward_model)
+            trained = Path(opts.reward_model or result[opts.grpo_reward_model]["checkpoint"])
             untrained = untrained_reward_model(sft, work / "untrained-rm", seed)
             for name, rm in (("grpo_rm", trained), ("grpo_rm_control", untrained)):
                 settings = {"lr": opts.grpo_lr, "steps": opts.grpo_steps, "beta": opts.grpo_beta,
@@ -323,8 +350,10 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
                     keep(name, settings, {"task_accuracy": heldout_accuracy(ckpt, TEST_TASK, 300, 48),
                                           "reward_model": str(rm)})
     result["minutes"] = round((time.time() - start) / 60, 1)
-    saved.write_text(json.dumps(result, indent=2))
-    return result
+    # Runs of methods not asked for this time stay in the file and the report.
+    merged = {**earlier, **result}
+    saved.write_text(json.dumps(merged, indent=2))
+    return merged
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -339,6 +368,9 @@ def change(after: float, before: float) -> str:
 
 
 def render(results: list[dict], opts: argparse.Namespace) -> str:
+    def own(measured: dict) -> str:
+        return pct(measured["own_pairs_implicit_reward"]) if "own_pairs_implicit_reward" in measured else "-"
+
     lines = ["# Preference learning runs", "",
              "What `scripts/preference_learning.py` measured (`python scripts/preference_learning.py --seeds "
              f"{' '.join(str(r['seed']) for r in results)} --write_doc`) on the development machine (2 CPU cores, "
@@ -346,17 +378,19 @@ def render(results: list[dict], opts: argparse.Namespace) -> str:
              "`swiftray/arithmetic:easy_train` until `easy_val` accuracy reaches "
              f"{pct(opts.sft_target)}); held-out figures are over the 300 `easy_test` problems and their pairs, "
              "which no run trained on. Controls train on the same pairs with chosen and rejected swapped at random.",
-             "", "Settings: " + ", ".join(f"{m} {opts.steps[m]} steps at lr {opts.lr[m]:g}" for m in opts.steps
-                                          if m in opts.methods)
+             "", "Settings: " + ", ".join(f"{m} {r['settings']['steps']} steps at lr {r['settings']['lr']:g}"
+                                          for m, r in results[0].items() if isinstance(r, dict) and "settings" in r
+                                          and not m.endswith("_control") and not m.startswith("grpo"))
              + f"; {opts.pairs_per_step} pairs (KTO: examples) per step"
-             + (f"; GRPO {opts.grpo_steps} steps at lr {opts.grpo_lr:g}, 8 prompts x 8 completions, beta "
-                f"{opts.grpo_beta:g}, the reward model its only reward." if "grpo_rm" in opts.methods else "."), ""]
+             + (f"; GRPO {g['steps']} steps at lr {g['lr']:g}, 8 prompts x 8 completions, beta {g['beta']:g}, the "
+                "reward model its only reward." if (g := results[0].get("grpo_rm", {}).get("settings")) else "."), ""]
     lines += ["## Preference accuracy and task accuracy (held-out)", "",
               "Preference accuracy: DPO, RPO and KTO by their implicit reward log pi - log ref (the SFT model is 50% "
               "by construction); SimPO and ORPO by the average log-prob (SimPO's reward; ORPO's odds rise with it), "
               "for which the SFT model has a score of its own.", "",
-              "| seed | method | preference accuracy: SFT -> trained (change) | control | task accuracy: SFT -> "
-              "trained (change) | control |", "| --- | --- | --- | --- | --- | --- |"]
+              "| seed | method | preference accuracy: SFT -> trained (change) | control | implicit reward on the SFT "
+              "model's own held-out pairs: trained / control | task accuracy: SFT -> trained (change) | control |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for method in PAIR_METHODS:
             if method not in r:
@@ -364,24 +398,36 @@ def render(results: list[dict], opts: argparse.Namespace) -> str:
             key = "average_logprob" if method in ("simpo", "orpo", "cpo") else "implicit_reward"
             base, got, ctl = r["sft"], r[method], r[f"{method}_control"]
             lines.append(f"| {r['seed']} | {method} | {pct(base[key])} -> {pct(got[key])} ({change(got[key], base[key])}) | "
-                         f"{pct(ctl[key])} ({change(ctl[key], base[key])}) | {pct(base['task_accuracy'])} -> "
+                         f"{pct(ctl[key])} ({change(ctl[key], base[key])}) | {own(got)} / {own(ctl)} | "
+                         f"{pct(base['task_accuracy'])} -> "
                          f"{pct(got['task_accuracy'])} ({change(got['task_accuracy'], base['task_accuracy'])}) | "
                          f"{pct(ctl['task_accuracy'])} ({change(ctl['task_accuracy'], base['task_accuracy'])}) |")
+    if any("dpo_policy" in r for r in results):
+        lines += ["", f"`dpo_policy` is DPO on the SFT model's own samples of the training prompts ({opts.policy_samples} "
+                  "per prompt at temperature 1; each right answer, by the accuracy rule, against a different wrong one): "
+                  "on-policy pairs, as iterative DPO makes them. Its control trains on the same pairs with their sides "
+                  f"swapped at random. The SFT model's own held-out pairs are the same kind of pair on the held-out "
+                  f"prompts ({TEST_SAMPLES} samples per prompt)."]
     if any(m in r for m in ("rpo", "orpo", "cpo") for r in results):
         lines += ["", "RPO (DPO plus the chosen side's NLL, `--rpo_alpha 1`), ORPO and CPO carry an NLL term; DPO, KTO "
                   "and pure SimPO (`--cpo_alpha 0`) do not. Their controls keep the NLL on the randomly chosen side "
                   "(the right answer half the time), so a control's task-accuracy change shows what the NLL alone "
                   "gives, and the gap to it what the preferences add."]
-    if any("rm" in r for r in results):
-        lines += ["", "## Reward model: held-out pairs ranked right (chance: 50%)", "",
-                  "| seed | trained on | built-in pairs | control (shuffled) | the SFT model's own right/wrong pairs | "
-                  "control |", "| --- | --- | --- | --- | --- | --- |"]
+    if any(m in r for m in REWARD_MODELS for r in results):
+        lines += ["", "## Reward models: held-out pairs ranked right (chance: 50%)", "",
+                  "Two kinds of held-out pair: the built-in ones (a planted mistake), and the SFT model's own samples "
+                  f"on the held-out prompts ({TEST_SAMPLES} per prompt at temperature 1, each right one against a "
+                  "wrong one): what GRPO asks a reward model to rank.", "",
+                  "| seed | trained on | steps | built-in pairs | control (shuffled) | the SFT model's own pairs | "
+                  "control |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in results:
-            if "rm" in r:
-                rm, ctl = r["rm"], r["rm_control"]
-                own = [pct(x["policy_pair_accuracy"]) if "policy_pair_accuracy" in x else "-" for x in (rm, ctl)]
-                lines.append(f"| {r['seed']} | {rm['settings'].get('data', 'built-in pairs')} | "
-                             f"{pct(rm['pair_accuracy'])} | {pct(ctl['pair_accuracy'])} | {own[0]} | {own[1]} |")
+            for method in REWARD_MODELS:
+                if method in r:
+                    rm, ctl = r[method], r[f"{method}_control"]
+                    data = "built-in pairs" if method == "rm" else f"own samples x{rm['settings']['samples']}"
+                    lines.append(f"| {r['seed']} | {data} | {rm['settings']['steps']} | {pct(rm['pair_accuracy'])} | "
+                                 f"{pct(ctl['pair_accuracy'])} | {pct(rm['policy_pair_accuracy'])} | "
+                                 f"{pct(ctl['policy_pair_accuracy'])} |")
     if any("grpo_rm" in r for r in results):
         lines += ["", "## GRPO with the reward model as its only reward: held-out task accuracy", "",
                   "| seed | SFT | GRPO, trained RM (change) | GRPO, untrained RM (change) |", "| --- | --- | --- | --- |"]
@@ -403,26 +449,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", default="preference_runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
-    p.add_argument("--methods", nargs="+", default=["dpo", "rpo", "kto", "orpo", "simpo", "rm", "grpo_rm"],
-                   choices=[*PAIR_METHODS, "rm", "grpo_rm"])
+    p.add_argument("--methods", nargs="+", default=["dpo", "rpo", "kto", "orpo", "simpo", "rm", "rm_policy", "grpo_rm"],
+                   choices=[*PAIR_METHODS, *REWARD_MODELS, "grpo_rm"])
     p.add_argument("--sft_target", type=float, default=0.3)
     p.add_argument("--pairs_per_step", type=int, default=8)
     p.add_argument("--steps", type=json.loads, default={"dpo": 150, "rpo": 150, "kto": 150, "simpo": 150, "orpo": 150,
-                                                        "cpo": 150, "rm": 150},
+                                                        "cpo": 150, "rm": 150, "rm_policy": 300, "dpo_policy": 250},
                    help='JSON: optimizer steps per method, e.g. \'{"dpo": 150}\'')
     p.add_argument("--lr", type=json.loads, default={"dpo": 2e-5, "rpo": 5e-5, "kto": 2e-4, "simpo": 5e-5, "orpo": 2e-4,
-                                                     "cpo": 2e-4, "rm": 5e-4},
+                                                     "cpo": 2e-4, "rm": 5e-4, "rm_policy": 5e-4, "dpo_policy": 2e-5},
                    help="JSON: learning rate per method")
     p.add_argument("--method_flags", type=json.loads, default={},
                    help='JSON: extra `swiftray rlhf` flags per method, e.g. \'{"dpo": ["--rpo_alpha", "1"]}\'')
-    p.add_argument("--rm_data", choices=["builtin", "policy"], default="builtin",
-                   help="the reward model's pairs: the built-in ones, or the SFT model's own samples labelled by "
-                        "the accuracy rule (one right against one wrong per prompt)")
-    p.add_argument("--rm_samples", type=int, default=4, help="--rm_data policy: samples per prompt")
+    p.add_argument("--policy_samples", type=int, default=16,
+                   help="rm_policy, dpo_policy: the SFT model's samples per training prompt, for its own pairs")
     p.add_argument("--grpo_steps", type=int, default=100)
     p.add_argument("--grpo_lr", type=float, default=1e-4)
     p.add_argument("--grpo_beta", type=float, default=0.0, help="GRPO's KL coefficient against the SFT model")
-    p.add_argument("--reward_model", default=None, help="grpo_rm without rm: the trained reward model to use")
+    p.add_argument("--grpo_reward_model", choices=REWARD_MODELS, default="rm_policy",
+                   help="grpo_rm: which of this run's reward models is GRPO's reward")
+    p.add_argument("--reward_model", default=None, help="grpo_rm: a reward model directory to use instead")
     p.add_argument("--write_doc", action="store_true", help="write docs/preference_runs.md from the results")
     opts = p.parse_args(argv)
     defaults = {a.dest: a.default for a in p._actions}
