@@ -6,7 +6,9 @@ For each seed, as scripts/demo.py does first:
        reaches --sft_target (the model knows the format, far from mastery);
     2. from that checkpoint, train each method on `swiftray/arithmetic-pairs:easy_train` (right answer
        chosen, a plausible wrong one rejected) and, as its control, on the same pairs with chosen and
-       rejected swapped at random (a fair coin per pair, seeded): the control must not gain;
+       rejected swapped at random (a fair coin per pair, seeded): the control must not gain. `dpo_policy`
+       and `rm_policy` train instead on the SFT model's own samples of the training prompts, each right
+       answer (by the accuracy rule) against a wrong one (--policy_samples per prompt);
     3. measure on held-out data (`easy_test`: problems no run trained on):
        - preference accuracy over the 300 held-out pairs: the share in which the trained model's implicit
          reward ranks chosen above rejected (ties count half, so the SFT model scores 50%). DPO and KTO:
@@ -14,10 +16,13 @@ For each seed, as scripts/demo.py does first:
          average log-prob, for which the SFT model itself has a score;
        - greedy task accuracy on the 300 held-out problems (the accuracy reward);
        - reward model: the share of held-out pairs it scores chosen above rejected;
-    4. GRPO from the SFT checkpoint with `--reward_model` the trained RM as its only reward, and as the
-       control with an untrained RM (the SFT model with a fresh score head): task accuracy after each.
+       - for reward models and new pair runs, the same on the SFT model's own held-out pairs (its right
+         against its wrong samples of the held-out prompts): what GRPO asks a reward model to rank;
+    4. GRPO from the SFT checkpoint with `--reward_model` a trained RM (--grpo_reward_model) as its only
+       reward, and as the control with an untrained RM (the SFT model with a fresh score head): task
+       accuracy after each.
 
-Results go to WORK/results.json and, with --write_doc, to docs/preference_runs.md.
+Results go to WORK/seedN/result.json and, with --write_doc, to docs/preference_runs.md.
 Run: `python scripts/preference_learning.py --seeds 42 7 --write_doc` (about 25 minutes per seed on 2 cores, 10
 more with the two GRPO arms; a rerun keeps every run whose settings did not change).
 """
