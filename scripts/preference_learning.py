@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -125,12 +126,19 @@ def policy_pairs(model_dir: Path, dataset: str, path: Path, samples: int, seed: 
         texts, {"solution": [r["solution"] for r in rows for _ in range(samples)]})
     pairs = []
     for i, row in enumerate(rows):
-        group = list(zip(texts[i * samples:(i + 1) * samples], right["accuracy"][i * samples:(i + 1) * samples]))
-        good = list(dict.fromkeys(t for t, ok in group if ok == 1.0))
-        bad = list(dict.fromkeys(t for t, ok in group if ok != 1.0))
+        group = zip(texts[i * samples:(i + 1) * samples], right["accuracy"][i * samples:(i + 1) * samples])
         pairs += [{"messages": row["messages"][:-1] + [{"role": "assistant", "content": g}], "rejected_response": b}
-                  for g, b in zip(good, bad)]
+                  for g, b in right_against_wrong(group)]
     return write_jsonl(pairs, path)
+
+
+def right_against_wrong(samples: Iterable[tuple[str, float]]) -> list[tuple[str, str]]:
+    """(right, wrong) pairs from one prompt's (completion, accuracy reward) samples: each distinct right
+    completion against a different distinct wrong one, in sampling order; none if either side is missing."""
+    samples = list(samples)
+    right = dict.fromkeys(text for text, reward in samples if reward == 1.0)
+    wrong = dict.fromkeys(text for text, reward in samples if reward != 1.0)
+    return list(zip(right, wrong))
 
 
 def training_pairs(on_policy: bool, sft: Path, work: Path, seed: int, shuffled: bool, opts: argparse.Namespace,
