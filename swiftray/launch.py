@@ -86,13 +86,16 @@ def _last_lines(proc: subprocess.Popen, n: int = 5) -> str:
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
-    """End a `ray start --block` process: it stops the node it started."""
-    if proc is not None and proc.poll() is None:
+    """End a `ray start --block` process: it stops the node it started. Its output file goes with it."""
+    if proc is None:
+        return
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    proc.output.close()  # type: ignore[attr-defined]
 
 
 def _gcs(address: str) -> Any:
