@@ -443,8 +443,8 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
     else:
         policy_actor, data_ranks = "swiftray.actors.policy:PolicyActor", ()
         policy_config = _policy_config(args, dtype, total_optimizer_steps, fsdp, algorithm.policy_head)
-        if rollout_dtype != dtype:
-            policy_config = dataclasses.replace(policy_config, engine_dtype=rollout_dtype)
+    if rollout_dtype != dtype:  # the policy casts its weights for the engines before a sync
+        policy_config = dataclasses.replace(policy_config, engine_dtype=rollout_dtype)
     roles = [RolePlan("policy", policy_actor, policy_config, layout.placements["policy"],
                       # roles take turns with the cores (RL; DPO: reference, then policy)
                       threads_share=share(1.0 / world) if rl or algorithm.role_specs else None,

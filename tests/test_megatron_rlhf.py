@@ -67,6 +67,18 @@ def test_megatron_flags_set_the_rl_batch(tiny_moe, monkeypatch, tmp_path):
     assert parse(grpo_argv(hf, data, tmp_path, *TP2_SP_EP2), monkeypatch).data_ranks() == (0, 0)
 
 
+def test_a_bf16_rollout_gets_weights_the_megatron_policy_cast(tiny_moe, monkeypatch, tmp_path):
+    from swiftray.algorithms import get_algorithm
+    from swiftray.placement import Cluster, Node
+    from swiftray.plan import build_plan
+
+    args = parse(grpo_argv(tiny_moe[1], tiny_moe[2], tmp_path, "--rollout_dtype", "bfloat16"), monkeypatch)
+    plan = build_plan(args, get_algorithm("grpo").from_args(args), Cluster((Node(4, 0),), "test"), 4, "rlhf")
+    policy, rollout = plan.role("policy").config, plan.role("rollout").config
+    assert (policy.backend, policy.torch_dtype, policy.engine_dtype) == ("megatron", "float32", "bfloat16")
+    assert rollout.torch_dtype == "bfloat16" and rollout.return_logprobs
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--global_batch_size", "3"], "--global_batch_size 3 is not a multiple of --micro_batch_size"),
     (["--deepspeed", "zero3"], "--deepspeed: the policy trains with megatron-core"),

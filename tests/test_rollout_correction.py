@@ -14,6 +14,7 @@ from _ray import ray_cluster  # noqa: F401  (session fixture)
 from test_plan import rlhf_plan
 from test_rl_loop import plugin, run  # noqa: F401  (the plugin fixture holds the `varied` reward)
 
+from swiftray.actors.policy import cast_for_engines
 from swiftray.algorithms.grpo_math import policy_loss
 from swiftray.algorithms.rollout_correction import MODES, importance_weights, mismatch_metrics
 from swiftray.arguments import ArgumentError
@@ -106,6 +107,14 @@ def test_plan_casts_for_the_engines_and_asks_them_for_logprobs(tiny_model_dir):
                   "--rollout_importance_sampling_mode", "token_truncate", nproc=1)
     with pytest.raises(ArgumentError, match="--rollout_dtype bfloat16: dpo generates no rollouts"):
         rlhf_plan(tiny_model_dir, cpu, "--rlhf_type", "dpo", "--rollout_dtype", "bfloat16", nproc=1)
+
+
+def test_the_policy_casts_its_floating_weights_for_a_bf16_engine():
+    state = {"w": torch.randn(3, 4, dtype=torch.float64), "steps": torch.tensor([7])}
+    cast = cast_for_engines(state, "bfloat16")
+    assert cast["w"].dtype == torch.bfloat16 and torch.equal(cast["w"], state["w"].to(torch.bfloat16))
+    assert cast["steps"].dtype == torch.int64 and cast["steps"].item() == 7  # integer buffers stay
+    assert cast_for_engines(state, None) is state
 
 
 def test_a_bf16_engine_is_measured_and_corrected_end_to_end(ray_cluster, tiny_model_dir, plugin, tmp_path):  # noqa: F811

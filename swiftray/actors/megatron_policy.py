@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from swiftray.actors.group import DistributedWorker
+from swiftray.actors.policy import cast_for_engines
 from swiftray.megatron import cpu_shim
 
 LossFn = Callable[[torch.Tensor, dict, int], tuple[torch.Tensor, dict]]
@@ -86,6 +87,7 @@ class MegatronPolicyConfig:
     total_steps: int = 1
     max_grad_norm: float = 1.0  # <= 0: no clipping
     backend: str = "megatron"  # what --print_plan names the policy's trainer
+    engine_dtype: str | None = None  # the rollout engines' dtype when it differs (--rollout_dtype): cast before sending
 
     def describe(self, world_size: int) -> str:
         """The parallel layout of `world_size` ranks, for --print_plan."""
@@ -498,7 +500,8 @@ class MegatronPolicyActor(DistributedWorker):
             return None
         named = hf_map.fuse_experts_for_runtime(hf_map.canonical_to_hf(full.__getitem__, self.shape), self.shape,
                                                 fused=self._runtime_experts_fused())
-        return {name: tensor.detach().cpu().contiguous() for name, tensor in named}
+        return cast_for_engines({name: tensor.detach().cpu().contiguous() for name, tensor in named},
+                                self.cfg.engine_dtype)
 
     def join_weight_group(self, master_addr: str, master_port: int, size: int, backend: str, epoch: int) -> None:
         """Rank 0: open the weight-broadcast group to engines on other nodes (collective_sync.py)."""

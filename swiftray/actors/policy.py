@@ -486,10 +486,7 @@ class PolicyActor(DistributedWorker):
                 from peft import get_peft_model_state_dict
 
                 state = get_peft_model_state_dict(self.backend.module, state_dict=state)
-        if self.cfg.engine_dtype is not None:
-            dtype = getattr(torch, self.cfg.engine_dtype)
-            state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
-        return state
+        return cast_for_engines(state, self.cfg.engine_dtype)
 
     def join_weight_group(self, master_addr: str, master_port: int, size: int, backend: str, epoch: int) -> None:
         """Rank 0: open the weight-broadcast group (rank 0 of it) on the address weight_group_address gave."""
@@ -522,6 +519,15 @@ class PolicyActor(DistributedWorker):
     def onload(self) -> None:
         """Before training: bring back what offload() moved."""
         self.backend.onload()
+
+
+def cast_for_engines(state: dict[str, torch.Tensor], engine_dtype: str | None) -> dict[str, torch.Tensor]:
+    """The policy's weights in the rollout engines' dtype (--rollout_dtype; None: as they are): cast on the
+    policy's side, so that a bf16 engine of an fp32 policy is sent half the bytes. Integer buffers stay."""
+    if engine_dtype is None:
+        return state
+    dtype = getattr(torch, engine_dtype)
+    return {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
 
 
 def _accumulate(into: dict, metrics: dict) -> None:
