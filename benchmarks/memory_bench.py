@@ -7,9 +7,9 @@ Each point is one GRPO run of grpo_bench.py (same model, prompts and settings as
 x N completions per step, 64 new tokens) in its own process tree; the orchestrator samples every
 process's RSS four times a second and sums it per role (harness.process_role: the driver, `policy`,
 `rollout`, `reference`, `reward` actors by their Ray process titles, Ray's daemons and agents, the
-Ray workers that run the driver's small tasks (rl_tasks.py) or wait idle). A process counts for the first
-role it was seen with (harness.memory_peaks): an actor's worker is titled `ray::IDLE` while it imports
-torch at start-up.
+Ray workers that run the driver's small tasks (rl_tasks.py) or wait idle). A process counts for the most
+specific role it was seen with (harness.memory_peaks): an actor's worker is titled `ray::IDLE` while it
+imports torch at start-up.
 RSS counts shared pages (torch's libraries, the /dev/shm weight buffers) once per process, so the sums
 over-state what the machine gives; TRL's figure is its one process's RSS.
 
@@ -37,8 +37,8 @@ from benchmarks.harness import (  # noqa: E402
     write_section,
 )
 
-ROLE_ORDER = ("driver", "policy", "rollout", "reference", "reward", "ray daemons",
-              "ray task and idle workers", "other")
+ROLE_ORDER = ("driver", "policy", "rollout", "reference", "reward", "ray daemons", "ray task and idle workers",
+              "other")
 
 
 def measure(opts: argparse.Namespace) -> list[dict[str, Any]]:
