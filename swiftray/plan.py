@@ -332,9 +332,12 @@ def _rl_batch(args: Any, world: int, num_generations: int) -> BatchPlan:
         steps_per_generation = args.generation_batch_size // per_micro_round
     steps_per_generation = steps_per_generation or args.gradient_accumulation_steps * args.num_mini_batches
     if steps_per_generation % args.gradient_accumulation_steps:
-        raise ArgumentError(f"--steps_per_generation {steps_per_generation}: must be a multiple of "
-                            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} (each generation "
-                            "feeds whole optimizer steps)")
+        # name the flag the user passed: --steps_per_generation, or the one it was derived from
+        given = (f"--generation_batch_size {args.generation_batch_size} (= {steps_per_generation} micro-batch rounds "
+                 f"of per_device_train_batch_size x workers, {per_micro_round})"
+                 if args.generation_batch_size is not None else f"--steps_per_generation {steps_per_generation}")
+        raise ArgumentError(f"{given}: must give a multiple of --gradient_accumulation_steps "
+                            f"{args.gradient_accumulation_steps} rounds (each generation feeds whole optimizer steps)")
     batch = BatchPlan(world_size=world, micro_batch_size=args.per_device_train_batch_size,
                       accumulation=args.gradient_accumulation_steps,
                       eval_batch_size=0,  # RL evaluation generates for every prompt in one round (compat.py)

@@ -139,8 +139,14 @@ def test_steps_per_generation_splits_a_generation_into_optimizer_steps(tiny_mode
     same = rlhf_plan(tiny_model_dir, cpu, "--per_device_train_batch_size", "4", "--num_generations", "4",
                      "--gradient_accumulation_steps", "2", "--generation_batch_size", "24", nproc=1, units=30)
     assert same.batch == plan.batch
-    with pytest.raises(ArgumentError, match="must be a multiple of --gradient_accumulation_steps"):
+    with pytest.raises(ArgumentError, match="--steps_per_generation 3: must give a multiple of "
+                                            "--gradient_accumulation_steps 2"):
         rlhf_plan(tiny_model_dir, cpu, "--gradient_accumulation_steps", "2", "--steps_per_generation", "3", nproc=1)
+    # derived from --generation_batch_size: the error names the flag the user passed, not the derived one
+    with pytest.raises(ArgumentError, match=r"^--generation_batch_size 12 \(= 3 micro-batch rounds .*, 4\): must "
+                                            "give a multiple of --gradient_accumulation_steps 2"):
+        rlhf_plan(tiny_model_dir, cpu, "--per_device_train_batch_size", "4", "--num_generations", "4",
+                  "--gradient_accumulation_steps", "2", "--generation_batch_size", "12", nproc=1)
 
 
 def test_sft_plan_counts_steps_up_and_checks_values_first(tiny_model_dir):
