@@ -6,7 +6,8 @@ inside an actor after Ray has started:
 
 - model folders (--model, --ref_model, --teacher_model, --value_model): a config.json that parses,
   weights whose safetensors headers parse (a truncated or garbage file is named);
-- adapter folders (--adapters, --ref_adapters): an adapter_config.json;
+- adapter folders (--adapters, --ref_adapters): an adapter_config.json, and LoRA matrices whose shapes fit
+  the base model's modules of the same name (a LoRA trained on another base is named here, not in an actor);
 - --resume_from_checkpoint: a swiftray checkpoint whose training state is JSON and safetensors (the
   pickles of earlier versions are refused without being opened), saved from the same model and
   train type as this run's.
@@ -74,6 +75,62 @@ def check_adapter_folder(flag: str, path: str) -> None:
     read_json_object(config, f"--{flag}")
 
 
+def lora_mismatch(path: str, model: Any) -> str | None:
+    """Why the LoRA weights in folder `path` do not fit `model` (a base model, real or on the meta device):
+    a lora_A/lora_B matrix whose shape differs from its module's, or no module of the adapter in the model.
+    None when they fit, or when there is nothing to compare (no safetensors weights). Only the safetensors
+    header is read."""
+    from safetensors import safe_open
+
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        return None
+    modules = dict(model.named_modules())
+    lora = found = 0
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():
+            # PEFT's names: base_model.model.<module path>.lora_A.weight (lora_B: the output side)
+            head, _, tail = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if tail not in ("A.weight", "B.weight"):
+                continue
+            lora += 1
+            module = modules.get(head)
+            if module is None or not hasattr(module, "in_features"):
+                continue
+            found += 1
+            shape = tuple(f.get_slice(key).get_shape())
+            side, want, got = (("input", module.in_features, shape[1]) if tail == "A.weight"
+                               else ("output", module.out_features, shape[0]))
+            if got != want:
+                return f"{key} has {side} size {got}, the base model's {head} has {want}"
+    if lora and not found:
+        return f"none of its {lora} LoRA matrices belongs to a module of the base model"
+    return None
+
+
+def check_adapter_fits(flag: str, path: str, model_dir: str) -> None:
+    """The adapter's LoRA matrices fit the base model `model_dir` (built on the meta device: no weights
+    are read). A base that transformers cannot build from its config alone is not checked here."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError, ImportError):
+        return  # e.g. a model type this transformers does not know: the actor's load names it
+    check_lora_fits(flag, path, model, model_dir)
+
+
+def check_lora_fits(flag: str, path: str, model: Any, model_dir: str) -> None:
+    """`lora_mismatch` as the error a user reads."""
+    problem = lora_mismatch(path, model)
+    if problem:
+        raise ArgumentError(f"--{flag} {path}: does not fit {model_dir}: {problem} (adapter_model.safetensors); "
+                            "was it trained on another model?")
+
+
 def check_checkpoint(path: str) -> None:
     """A checkpoint a run can resume from (before its model is known: its args.json may name it)."""
     from swiftray.actors import train_state
@@ -129,8 +186,11 @@ def check_inputs(args: Any) -> None:
         if path:
             check_model_folder(flag, path)
     for flag in ADAPTER_FLAGS:
+        base = (getattr(args, "ref_model", None) or args.model) if flag == "ref_adapters" else args.model
         for path in getattr(args, flag, None) or []:
             check_adapter_folder(flag, path)
+            if base:
+                check_adapter_fits(flag, path, base)
     if args.adapters and (args.train_type == "full" or len(args.adapters) > 1):
         raise ArgumentError(f"--adapters {' '.join(args.adapters)}: continuing training takes one LoRA folder and "
                             f"--train_type lora, dora or qlora (got --train_type {args.train_type})")

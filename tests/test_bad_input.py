@@ -123,6 +123,13 @@ CASES = [
     Case("model-adapters-not-lora", f"{SFT} --adapters $M", ("--adapters", "no adapter_config.json")),
     Case("model-adapters-with-full", f"{SFT} --train_type full --adapters $D/adapter",
          ("--adapters", "takes one LoRA folder", "got --train_type full")),
+    Case("model-adapters-other-base", f"{SFT} --adapters $D/adapter_other_base",
+         ("--adapters", "adapter_other_base: does not fit", "output size 64, the base model's", "trained on another model")),
+    Case("model-ref-adapters-other-base", f"{DPO} --ref_adapters $D/adapter_other_base",
+         ("--ref_adapters", "adapter_other_base: does not fit", "trained on another model")),
+    Case("model-infer-adapters-other-base",
+         "infer --model $M --adapters $D/adapter_other_base --val_dataset $D/good.jsonl --result_path $O/r.jsonl",
+         ("--adapters", "adapter_other_base: does not fit", "trained on another model")),
     Case("model-liger-without-gpu", "sft --model $M --dataset $D/good.jsonl --output_dir $O --use_liger_kernel true",
          ("--use_liger_kernel true: needs GPUs",)),
     Case("model-qlora-without-gpu", "sft --model $M --dataset $D/good.jsonl --output_dir $O --train_type qlora",
@@ -252,6 +259,15 @@ def corpus(tmp_path_factory, tiny_model_dir) -> Path:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (d / "adapter").mkdir()
     (d / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    # A real LoRA adapter of another base (hidden size 64, the tiny model's 128)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from swiftray.models.tiny import make_tiny_model
+
+    make_tiny_model(d / "other_base", hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=32)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(d / "other_base"),
+                   LoraConfig(r=8, target_modules="all-linear")).save_pretrained(d / "adapter_other_base")
     # Checkpoints
     legacy = d / "ckpt_pickle"
     legacy.mkdir()

@@ -45,6 +45,10 @@ def load_inference_model(model_dir: str, adapters: list[str] | None = None, *, t
     if adapters:
         from peft import PeftModel
 
+        from swiftray.preflight import check_lora_fits
+
+        for path in adapters:
+            check_lora_fits("adapters", path, model, model_dir)
         model = PeftModel.from_pretrained(model, adapters[0])
         for i, path in enumerate(adapters[1:], start=1):
             model.load_adapter(path, adapter_name=f"adapter_{i}")
