@@ -20,6 +20,7 @@ was requested with, as without the queue).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -90,7 +91,8 @@ class Work:
     def __init__(self, supervisor: Any):
         self.supervisor = supervisor
         self.queue: deque[tuple[Chunk, int]] = deque()
-        self.outstanding: dict[Any, tuple[Chunk, int, int]] = {}  # receipt ref -> (chunk, stage, its epoch)
+        # receipt ref -> (chunk, stage, its epoch, the call's result ref)
+        self.outstanding: dict[Any, tuple[Chunk, int, int, Any]] = {}
         self.load: dict[Any, int] = {}  # engine actor id -> generate calls outstanding
         self.chunk_of: dict[Any, Chunk] = {}  # a chunk's final ref -> the chunk (annotate continues it)
 
@@ -148,7 +150,7 @@ class Work:
         chunk.refs.append(result)
         chunk.receipts.append(receipt)
         chunk.actors.append(actor)
-        self.outstanding[receipt] = (chunk, s, chunk.epochs[s])
+        self.outstanding[receipt] = (chunk, s, chunk.epochs[s], result)
 
     def _least_loaded_engine(self) -> Any:
         engines = self.supervisor.actors("rollout")
@@ -189,21 +191,28 @@ class Work:
         return [c.result for c in request.chunks]
 
     def _settle(self, receipt: Any) -> None:
-        chunk, s, epoch = self.outstanding.pop(receipt)
+        chunk, s, epoch, result = self.outstanding.pop(receipt)
         if chunk.stages[s] == "rollout" and s < len(chunk.actors):
             actor_id = chunk.actors[s]._actor_id
             self.load[actor_id] = max(0, self.load.get(actor_id, 0) - 1)
+        try:
+            done = ray.get(receipt)
+        except Exception as raised:  # noqa: BLE001 - sorted below; what is not a fault is raised again
+            err = raised
+            # The result ref holds the same error; read it, or Ray prints "Unhandled error" when it is dropped.
+            with contextlib.suppress(Exception):
+                ray.get(result, timeout=0)
+        else:
+            if epoch == chunk.epochs[s]:
+                chunk.done[s] = done
+            return
         if epoch != chunk.epochs[s]:
             return  # an abandoned issue
-        try:
-            chunk.done[s] = ray.get(receipt)
-            return
-        except Exception as raised:  # noqa: BLE001 - sorted below; what is not a fault is raised again
-            err, kind = raised, classify(raised)
-            if kind == "error":
-                raise
-            if kind == "upstream":
-                return  # the earlier stage's own receipt re-issues the chunk
+        kind = classify(err)
+        if kind == "error":
+            raise err
+        if kind == "upstream":
+            return  # the earlier stage's own receipt re-issues the chunk
         role = chunk.stages[s]
         if kind == "actor":
             self.supervisor.lost(role, chunk.actors[s], err)
@@ -217,7 +226,7 @@ class Work:
 
     def forget(self) -> None:
         """Drop the bookkeeping of finished chunks (once a step has trained on them)."""
-        live = {id(c) for c, _, _ in self.outstanding.values()} | {id(c) for c, _ in self.queue}
+        live = {id(c) for c, _, _, _ in self.outstanding.values()} | {id(c) for c, _ in self.queue}
         self.chunk_of = {ref: c for ref, c in self.chunk_of.items() if id(c) in live}
 
     def abandon(self) -> None:
