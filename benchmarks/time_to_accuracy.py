@@ -6,7 +6,9 @@ Both start from the same SFT checkpoint (the demo's: scripts/demo.py, or prefere
 seed work folder) and run the demo's GRPO: prompts of `swiftray/arithmetic:easy_train`, 64
 completions per step (8 prompts x 8), 48 new tokens, temperature 1, top_k 50, lr 1e-4 constant,
 beta 0, loss_type grpo, group-scaled advantages, rewards accuracy + format (swiftray's functions, handed
-to TRL as callables). Each saves a checkpoint every --eval_every steps and records the wall-clock
+to TRL as callables). swiftray runs its sequential loop; `--async_generate true` has the rollout generate
+the next batch while the policy trains (0.42x TRL's s/step against about 0.7x, but one step stale, it
+reached the gains later: benchmarks/findings.md). Each saves a checkpoint every --eval_every steps and records the wall-clock
 time of each step's end from its process's start (start-up included: the user waits for it too).
 
 Afterwards every checkpoint's held-out greedy accuracy on the 300 `easy_test` problems is measured
@@ -76,7 +78,7 @@ def run_swiftray(opts: argparse.Namespace) -> dict[str, Any]:
         "--reward_funcs", "accuracy", "format", "--gradient_checkpointing", "false",
         "--save_steps", str(opts.eval_every), "--save_only_model", "true", "--logging_steps", "5",
         "--eval_strategy", "no", "--report_to", "none", "--seed", str(opts.seed), "--add_version", "false",
-        "--output_dir", str(opts.out)])
+        "--output_dir", str(opts.out), "--async_generate", str(opts.async_generate).lower()])
     return {"step_ends_s": ends}
 
 
@@ -125,9 +127,14 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     work = WORK / "time_to_accuracy"
     data = train_data(work / "train.jsonl")
     base = heldout_accuracy(Path(opts.sft_checkpoint), TEST, 300, 48)
+    # The host's speed drifts between sessions (fp32 matmul GFLOP/s seen from 96 to 178 on 2 threads): record it.
+    speed = run_contender([str(BENCH_DIR / "flops.py"), "--threads", str(opts.threads)],
+                          env=thread_env(opts.threads, "PASSIVE"), timeout=600,
+                          log_path=WORK / "logs" / "time_to_accuracy_matmul.log")
     result: dict[str, Any] = {"sft_checkpoint": opts.sft_checkpoint, "seed": opts.seed, "start_accuracy": base,
-                              "steps": opts.steps,
-                              "eval_every": opts.eval_every, "contenders": {}}
+                              "steps": opts.steps, "eval_every": opts.eval_every,
+                              "swiftray_async_generate": opts.async_generate,
+                              "matmul_gflops_train_mlp": speed["matmul_gflops"]["train_mlp"], "contenders": {}}
     for contender in opts.contenders:
         out = work / contender
         shutil.rmtree(out, ignore_errors=True)  # checkpoints of an earlier run must not join this curve
@@ -135,7 +142,7 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
         run = run_contender([str(Path(__file__).resolve()), "--train", contender, "--model", opts.sft_checkpoint,
                              "--data", str(data), "--out", str(out), "--steps", str(opts.steps), "--eval_every",
                              str(opts.eval_every), "--lr", str(opts.lr), "--seed", str(opts.seed),
-                             "--threads", str(opts.threads)],
+                             "--threads", str(opts.threads), "--async_generate", str(opts.async_generate)],
                             env=thread_env(opts.threads, "PASSIVE"), timeout=3600,
                             log_path=WORK / "logs" / f"time_to_accuracy_{contender}.log")
         ends = run["step_ends_s"]
@@ -175,6 +182,10 @@ def section(runs: dict[str, dict[str, Any]]) -> str:
         base, c = result["start_accuracy"], result["contenders"]
         lines += ["", f"### Seed {seed}: from `{result['sft_checkpoint']}` (held-out accuracy {100 * base:.1f}%), "
                   f"{result['steps']} steps, a checkpoint every {result['eval_every']}", "",
+                  f"swiftray ran with `--async_generate {str(result.get('swiftray_async_generate', False)).lower()}`; "
+                  f"the host's fp32 matmul rate at the start: "
+                  + (f"{result['matmul_gflops_train_mlp']:.0f} GFLOP/s." if "matmul_gflops_train_mlp" in result
+                     else "not recorded."), "",
                   "| contender | " + " | ".join(f"minutes to +{g} points" for g in GAINS)
                   + " | final accuracy (change) | minutes per step | start-up minutes | peak RSS all procs MB | load |",
                   "|---|" + "---|" * (len(GAINS) + 5)]
@@ -227,6 +238,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--async_generate", type=lambda v: v.lower() == "true", default=False,
+                   help="swiftray's rollout generates the next batch while the policy trains: faster steps, "
+                        "but here slower to the gain than the sequential loop (benchmarks/findings.md)")
     p.add_argument("--train", choices=["swiftray", "trl"], help=argparse.SUPPRESS)  # one timed run (internal)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
