@@ -98,3 +98,29 @@ def test_every_sft_contender_main_runs_has_a_name_in_the_report() -> None:
     assert sft_name(("msswift", False, "fp32")) == "ms-swift sft, fp32"
     assert sft_name(("swiftray", True, "bf16")) == "swiftray sft --packing, bf16 weights"
     assert sft_name(("trl", True, "fp32")) == "TRL SFTTrainer packing=True, fp32"
+
+
+def test_the_targets_table_lists_memory_and_time_to_accuracy_with_their_verdicts(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.report import other_targets
+
+    (tmp_path / "memory.json").write_text(json.dumps(
+        [run("swiftray", 8, 500, 2900), run("trl", 8, 0, 1400), run("swiftray", 64, 600, 3300),
+         run("trl", 64, 0, 1600)]))
+
+    def seed(s_min: float | None, t_min: float | None, asynchronous: bool) -> dict:
+        return {"swiftray_async_generate": asynchronous,
+                "contenders": {"swiftray": {"minutes_to_gain": {"20": s_min}}, "trl": {"minutes_to_gain": {"20": t_min}}}}
+
+    (tmp_path / "time_to_accuracy.json").write_text(json.dumps(
+        {"runs": {"42": seed(3.0, 6.5, False), "7": seed(5.0, None, True)}}))
+    rows = {row[0]: row[1:] for row in other_targets(tmp_path)}
+    assert rows["driver memory flat (within 10%) from 8 to 64 completions"] == ["+20.0%", "missed"]
+    assert rows["all swiftray processes <= 2x TRL's one process (8 completions)"] == [
+        "2.07x (2,900 vs 1,400 MB)", "missed"]
+    # 0.46x on one seed; on the other only swiftray reaches the gain: met on both
+    assert rows["minutes to the demo's held-out gain (+20 points) <= 0.5x TRL's"] == [
+        "seed 42 (sequential): 0.46x (3.0 vs 6.5 min); seed 7 (async): swiftray 5.0 min, TRL not reached", "met"]
+    (tmp_path / "time_to_accuracy.json").write_text(json.dumps({"runs": {"42": seed(3.3, 6.5, False)}}))
+    assert other_targets(tmp_path)[-1][-1] == "missed"  # 0.51x
