@@ -123,8 +123,11 @@ def test_sigkill_of_the_driver_leaves_no_ray_process(sft_driver):
     assert wait_gone(procs) == []
 
 
+# The driver takes Ctrl-C as a terminal's foreground process does: a suite started as a shell's background
+# job (`pytest ... &`) runs with SIGINT ignored, and a child inherits that, so it is set back here.
 BARE_DRIVER = """
-import sys, time, ray
+import signal, sys, time, ray
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from swiftray.cluster import init_ray
 init_ray(bind_all_interfaces=sys.argv[1] == "all")
 print("node_ip", ray.util.get_node_ip_address(), flush=True)
