@@ -7,6 +7,7 @@ cancels. `findings.md` beside this file (profiles, before/after of fixes) is app
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections import defaultdict
@@ -312,8 +313,6 @@ def write(res: dict[str, Any], md_path: Path, png_path: Path) -> None:
 def other_targets(work: Path) -> list[list[str]]:
     """Target rows from the benchmarks with files of their own: memory (memory.json) and time to accuracy
     (time_to_accuracy.json), so that the table lists every target the issue sets."""
-    import json
-
     rows = []
     memory = work / "memory.json"
     if memory.exists():
