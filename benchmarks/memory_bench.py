@@ -62,6 +62,14 @@ def measure(opts: argparse.Namespace) -> list[dict[str, Any]]:
     return runs
 
 
+def driver_growth(runs: list[dict[str, Any]]) -> tuple[float, float, float] | None:
+    """(smallest, largest driver peak MB, growth) over swiftray's runs; None without a driver figure."""
+    drivers = [r["peak_rss_role_mb"].get("driver", 0) for r in runs if r["contender"] == "swiftray"]
+    if not drivers or not min(drivers):
+        return None
+    return min(drivers), max(drivers), max(drivers) / min(drivers) - 1
+
+
 def section(runs: list[dict[str, Any]], steps: int) -> str:
     swift = [r for r in runs if r["contender"] == "swiftray"]
     trl = {r["completions"]: r for r in runs if r["contender"] == "trl"}
@@ -82,11 +90,11 @@ def section(runs: list[dict[str, Any]], steps: int) -> str:
         cells += [f"{t['peak_rss_tree_mb']:,.0f}", f"{r['peak_rss_tree_mb'] / t['peak_rss_tree_mb']:.2f}"] if t else ["-", "-"]
         cells.append("/".join(f"{x:.1f}" for x in r["load_average_1min"]))
         lines.append(f"| {r['completions']} | " + " | ".join(cells) + " |")
-    drivers = [r["peak_rss_role_mb"].get("driver", 0) for r in swift]
-    if drivers and min(drivers):
-        growth = max(drivers) / min(drivers) - 1
+    driver = driver_growth(runs)
+    if driver:
+        low, high, growth = driver
         lines += ["", f"Driver peak from {swift[0]['completions']} to {swift[-1]['completions']} completions: "
-                  f"{min(drivers):,.0f} to {max(drivers):,.0f} MB, {100 * growth:+.1f}% "
+                  f"{low:,.0f} to {high:,.0f} MB, {100 * growth:+.1f}% "
                   f"(target within 10%: {'met' if growth <= 0.10 else 'missed'})."]
     for r in (swift[0], swift[-1]) if swift else ():
         if r["completions"] not in trl:

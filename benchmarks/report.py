@@ -16,6 +16,7 @@ from typing import Any
 
 from benchmarks.flops import grpo_step_flops
 from benchmarks.harness import SECTION_PATTERN, median
+from benchmarks.memory_bench import driver_growth
 
 # Issue 14's targets: SFT rate against TRL's and ms-swift's best, GRPO s/step against TRL's, generation
 # against model.generate, weight sync against an in-process copy (26M, and from 100M up).
@@ -319,9 +320,9 @@ def other_targets(work: Path) -> list[list[str]]:
         runs = json.loads(memory.read_text())
         swift = [r for r in runs if r["contender"] == "swiftray"]
         trl = {r["completions"]: r["peak_rss_tree_mb"] for r in runs if r["contender"] == "trl"}
-        drivers = [r["peak_rss_role_mb"].get("driver", 0) for r in swift]
-        if drivers and min(drivers):
-            growth = max(drivers) / min(drivers) - 1
+        driver = driver_growth(runs)
+        if driver:
+            growth = driver[2]
             rows.append([f"driver memory flat (within 10%) from {swift[0]['completions']} to "
                          f"{swift[-1]['completions']} completions", f"{100 * growth:+.1f}%",
                          "met" if growth <= 0.10 else "missed"])
