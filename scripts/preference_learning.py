@@ -54,9 +54,14 @@ PAIR_METHODS = {"dpo": ["--rlhf_type", "dpo"], "rpo": ["--rlhf_type", "dpo", "--
                 "orpo": ["--rlhf_type", "orpo"], "cpo": ["--rlhf_type", "cpo"],
                 # DPO on the SFT model's own samples, right against wrong by the accuracy rule (on-policy pairs)
                 "dpo_policy": ["--rlhf_type", "dpo"]}
-# Reward models: trained on the built-in pairs ("rm"), or on the SFT model's own samples labelled by the
-# accuracy rule ("rm_policy").
-REWARD_MODELS = ("rm", "rm_policy")
+# Reward models: trained on the built-in pairs ("rm"), on the SFT model's own samples labelled by the
+# accuracy rule ("rm_policy"), or on minimal pairs that each break one thing visible in the working
+# ("rm_lines", see line_check_pairs).
+REWARD_MODELS = ("rm", "rm_policy", "rm_lines")
+LINE_PAIRS_PER_PROBLEM = 12
+# rm_lines: 16 pairs a step, a warm-up and cosine decay, no weight decay (after common()'s flags, so these win)
+RM_LINES_FLAGS = ["--per_device_train_batch_size", "16", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03",
+                  "--weight_decay", "0"]
 TEST_PAIRS = "swiftray/arithmetic-pairs:easy_test"
 TEST_TASK = "swiftray/arithmetic:easy_test"
 TEST_SAMPLES = 4  # the SFT model's samples per held-out prompt, for held-out pairs of its own right/wrong answers
@@ -139,6 +144,81 @@ def right_against_wrong(samples: Iterable[tuple[str, float]]) -> list[tuple[str,
     right = dict.fromkeys(text for text, reward in samples if reward == 1.0)
     wrong = dict.fromkeys(text for text, reward in samples if reward != 1.0)
     return list(zip(right, wrong))
+
+
+def _carry(first: int, ops: list[tuple[str, int]], slip: tuple[int, int] | None = None,
+           propagate: bool = True) -> tuple[list[str], int]:
+    """Working lines carrying `first` through `ops`; `slip` = (step, delta) shows that step's result off by
+    delta, and the next step starts from the shown value (propagate) or from the true one (a broken chain)."""
+    from swiftray.data.builtin.arithmetic_pairs import _APPLY
+
+    lines, value = [], first
+    for i, (op, operand) in enumerate(ops):
+        result = _APPLY[op](value, operand)
+        shown = result + (slip[1] if slip and slip[0] == i else 0)
+        lines.append(f"{value} {op} {operand} = {shown}")
+        value = shown if propagate else result
+    return lines, value
+
+
+def _answer_text(lines: list[str], answer: int) -> str:
+    return "<think>\n" + "\n".join(lines) + f"\n</think>\n\n<answer>{answer}</answer>"
+
+
+def broken_workings(row: dict, rng: random.Random, k: int) -> tuple[str, list[str]]:
+    """(the right answer, up to k wrong ones): each breaks one thing a reader can check in the working: a
+    line's result (later lines following it or not), the answer against the last line, or a number copied
+    from the question (the first value or an operand)."""
+    from swiftray.data.builtin.arithmetic_pairs import _parse_steps
+
+    steps = _parse_steps(row["messages"][-1]["content"])
+    first, ops = steps[0][0], [(op, b) for _a, op, b in steps]
+    good_lines, good = _carry(first, ops)
+    right = _answer_text(good_lines, good)
+    wrong: list[str] = []
+    for _ in range(k * 3):
+        kind = rng.choice(["slip", "slip_prop", "answer", "copy_first", "copy_operand"])
+        delta = rng.choice([-3, -2, -1, 1, 2, 3, 10, -10])
+        if kind in ("slip", "slip_prop"):
+            lines, value = _carry(first, ops, (rng.randrange(len(ops)), delta), propagate=kind == "slip_prop")
+            answer = value if kind == "slip_prop" else good
+        elif kind == "answer":
+            lines, answer = good_lines, good + delta
+        elif kind == "copy_first":
+            lines, answer = _carry(first + delta, ops)
+        else:
+            i = rng.randrange(len(ops))
+            changed = list(ops)
+            changed[i] = (ops[i][0], ops[i][1] + delta)
+            lines, answer = _carry(first, changed)
+        if answer < 0 or any(int(n) < 0 for line in lines for n in line.split()[::2]):
+            continue
+        text = _answer_text(lines, answer)
+        if text != right and text not in wrong:
+            wrong.append(text)
+        if len(wrong) == k:
+            break
+    return right, wrong
+
+
+def line_check_pairs(work: Path, seed: int, shuffled: bool) -> str:
+    """`--dataset` of minimal pairs on the training problems: the right working against the same working
+    with one checkable thing broken (LINE_PAIRS_PER_PROBLEM per problem). The SFT model's own wrong answers
+    mostly show such a break (86% have a wrong line on seed 42), so a reward model that learns to find one
+    ranks the policy's samples, which one trained on the built-in pairs does not. shuffled: the control's."""
+    from swiftray.data.builtin.arithmetic import arithmetic_split
+
+    path = work / f"line_pairs{'_shuffled' if shuffled else ''}.jsonl"
+    if path.exists():
+        return str(path)
+    rng = random.Random(seed)
+    rows = []
+    for problem in arithmetic_split("easy_train"):
+        right, wrong = broken_workings(problem, rng, LINE_PAIRS_PER_PROBLEM)
+        rows += [{"messages": problem["messages"][:-1] + [{"role": "assistant", "content": right}],
+                  "rejected_response": text} for text in wrong]
+    rng.shuffle(rows)
+    return write_jsonl(swapped_at_random(rows, seed) if shuffled else rows, path)
 
 
 def training_pairs(on_policy: bool, sft: Path, work: Path, seed: int, shuffled: bool, opts: argparse.Namespace,
@@ -273,7 +353,14 @@ def grpo(sft: Path, reward_model: Path, work: Path, name: str, seed: int, opts: 
              "--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "1", "--num_generations", "8",
              "--max_completion_length", "48", "--temperature", "1.0", "--learning_rate", str(opts.grpo_lr),
              "--beta", str(opts.grpo_beta)]
-    return rlhf(flags + common(sft, work / name, seed, opts.grpo_steps))
+    every = ["--save_steps", str(opts.grpo_eval_every)] if opts.grpo_eval_every else []
+    return rlhf(flags + common(sft, work / name, seed, opts.grpo_steps) + every)
+
+
+def accuracy_curve(last: Path) -> dict[str, float]:
+    """Held-out task accuracy at each checkpoint of the run that ends in `last` (its step -> accuracy)."""
+    steps = sorted(last.parent.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    return {c.name.split("-")[1]: heldout_accuracy(c, TEST_TASK, 300, 48) for c in steps}
 
 
 def run_seed(seed: int, opts: argparse.Namespace) -> dict:
@@ -311,6 +398,15 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
             return True
         return False
 
+    def backbone(name: str) -> Path:
+        """A reward model's starting point: the SFT checkpoint, or a pair method's trained checkpoint."""
+        if name == "sft":
+            return sft
+        ckpt = run_checkpoint(work / name, earlier.get(name) or result.get(name) or {})
+        if ckpt is None:
+            raise SystemExit(f"--rm_base {name}: no single {name} run under {work / name}; run --methods {name} first")
+        return ckpt
+
     def keep(name: str, settings: dict, measured: dict) -> None:
         result[name] = {**measured, "settings": settings}
         saved.write_text(json.dumps({**earlier, **result}, indent=2))
@@ -338,14 +434,20 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
             settings = {"lr": opts.lr[method], "steps": opts.steps[method], "pairs_per_step": opts.pairs_per_step}
             if method == "rm_policy":
                 settings["samples"] = opts.policy_samples
-            for shuffled in (False, True):
+            if method == "rm_lines":
+                settings["flags"] = RM_LINES_FLAGS
+            if opts.rm_base.get(method, "sft") != "sft":
+                settings["base"] = opts.rm_base[method]
+            for shuffled in (False, True)[:1 if method in opts.skip_controls else 2]:
                 name = f"{method}{'_control' if shuffled else ''}"
                 if not done(name, settings):
-                    flags = ["--rlhf_type", "rm", "--dataset", training_pairs(method == "rm_policy", sft, work, seed, shuffled, opts),
+                    dataset = (line_check_pairs(work, seed, shuffled) if method == "rm_lines"
+                               else training_pairs(method == "rm_policy", sft, work, seed, shuffled, opts))
+                    flags = ["--rlhf_type", "rm", "--dataset", dataset,
                              "--per_device_train_batch_size", str(opts.pairs_per_step),
                              "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr[method])]
-                    keep(name, settings, {"checkpoint": str(rlhf(flags + common(sft, work / name, seed,
-                                                                                 opts.steps[method])))})
+                    flags += common(backbone(settings.get("base", "sft")), work / name, seed, opts.steps[method]) + settings.get("flags", [])
+                    keep(name, settings, {"checkpoint": str(rlhf(flags))})
                 # measured here, so a kept reward model gains a measure added since it was trained
                 ranks = {key: reward_model_accuracy(Path(result[name]["checkpoint"]), heldout, pad)
                          for key, heldout in (("pair_accuracy", pairs), ("policy_pair_accuracy", policy_test))
@@ -354,13 +456,16 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
                     keep(name, settings, {**result[name], **ranks})
         elif method == "grpo_rm":
             trained = Path(opts.reward_model or result[opts.grpo_reward_model]["checkpoint"])
-            untrained = untrained_reward_model(sft, work / "untrained-rm", seed)
+            # the control: the trained RM's own backbone with a fresh score head
+            base = "sft" if opts.reward_model else result[opts.grpo_reward_model]["settings"].get("base", "sft")
+            untrained = untrained_reward_model(backbone(base), work / ("untrained-rm" + ("" if base == "sft" else f"-{base}")),
+                                               seed)
             for name, rm in (("grpo_rm", trained), ("grpo_rm_control", untrained)):
                 settings = {"lr": opts.grpo_lr, "steps": opts.grpo_steps, "beta": opts.grpo_beta,
                             "reward_model": str(rm)}
                 if not done(name, settings):
-                    ckpt = grpo(sft, rm, work, name, seed, opts)
-                    keep(name, settings, {"task_accuracy": heldout_accuracy(ckpt, TEST_TASK, 300, 48),
+                    curve = accuracy_curve(grpo(sft, rm, work, name, seed, opts))
+                    keep(name, settings, {"task_accuracy": curve[str(opts.grpo_steps)], "curve": curve,
                                           "reward_model": str(rm)})
     result["minutes"] = round((time.time() - start) / 60, 1)
     # Runs of methods not asked for this time stay in the file and the report.
@@ -376,13 +481,18 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def pct_or_dash(measured: dict, key: str) -> str:
+    """A figure that a run may lack (a control not trained this time)."""
+    return pct(measured[key]) if key in measured else "-"
+
+
 def change(after: float, before: float) -> str:
     return f"{100 * (after - before):+.1f}"
 
 
 def render(results: list[dict], opts: argparse.Namespace) -> str:
     def own(measured: dict) -> str:
-        return pct(measured["own_pairs_implicit_reward"]) if "own_pairs_implicit_reward" in measured else "-"
+        return pct_or_dash(measured, "own_pairs_implicit_reward")
 
     lines = ["# Preference learning runs", "",
              "What `scripts/preference_learning.py` measured (`python scripts/preference_learning.py --seeds "
@@ -436,11 +546,12 @@ def render(results: list[dict], opts: argparse.Namespace) -> str:
         for r in results:
             for method in REWARD_MODELS:
                 if method in r:
-                    rm, ctl = r[method], r[f"{method}_control"]
-                    data = "built-in pairs" if method == "rm" else f"own samples x{rm['settings']['samples']}"
+                    rm, ctl = r[method], r.get(f"{method}_control", {})
+                    data = {"rm": "built-in pairs", "rm_lines": f"line-check pairs x{LINE_PAIRS_PER_PROBLEM}"}.get(
+                        method) or f"own samples x{rm['settings']['samples']}"
                     lines.append(f"| {r['seed']} | {data} | {rm['settings']['steps']} | {pct(rm['pair_accuracy'])} | "
-                                 f"{pct(ctl['pair_accuracy'])} | {pct(rm['policy_pair_accuracy'])} | "
-                                 f"{pct(ctl['policy_pair_accuracy'])} |")
+                                 f"{pct_or_dash(ctl, 'pair_accuracy')} | {pct(rm['policy_pair_accuracy'])} | "
+                                 f"{pct_or_dash(ctl, 'policy_pair_accuracy')} |")
     if any("grpo_rm" in r for r in results):
         lines += ["", "## GRPO with the reward model as its only reward: held-out task accuracy", "",
                   "| seed | SFT | GRPO, trained RM (change) | GRPO, untrained RM (change) |", "| --- | --- | --- | --- |"]
@@ -467,17 +578,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--sft_target", type=float, default=0.3)
     p.add_argument("--pairs_per_step", type=int, default=8)
     p.add_argument("--steps", type=json.loads, default={"dpo": 150, "rpo": 150, "kto": 150, "simpo": 150, "orpo": 150,
-                                                        "cpo": 150, "rm": 150, "rm_policy": 300, "dpo_policy": 250},
+                                                        "cpo": 150, "rm": 150, "rm_policy": 300, "rm_lines": 1200,
+                                                        "dpo_policy": 250},
                    help='JSON: optimizer steps per method, e.g. \'{"dpo": 150}\'')
     p.add_argument("--lr", type=json.loads, default={"dpo": 2e-5, "rpo": 5e-5, "kto": 2e-4, "simpo": 5e-5, "orpo": 2e-4,
-                                                     "cpo": 2e-4, "rm": 5e-4, "rm_policy": 5e-4, "dpo_policy": 2e-5},
+                                                     "cpo": 2e-4, "rm": 5e-4, "rm_policy": 5e-4, "rm_lines": 3e-4,
+                                                     "dpo_policy": 2e-5},
                    help="JSON: learning rate per method")
     p.add_argument("--method_flags", type=json.loads, default={},
                    help='JSON: extra `swiftray rlhf` flags per method, e.g. \'{"dpo": ["--rpo_alpha", "1"]}\'')
+    p.add_argument("--skip_controls", nargs="*", default=[], choices=[*PAIR_METHODS, *REWARD_MODELS],
+                   help="methods whose shuffled-label control is not trained this time")
+    p.add_argument("--rm_base", type=json.loads, default={},
+                   help='JSON: a reward model\'s backbone, "sft" (the default) or a pair method whose trained checkpoint '
+                        'solves more of the problems, e.g. \'{"rm_lines": "orpo"}\'; GRPO\'s policy starts from SFT '
+                        "either way")
     p.add_argument("--policy_samples", type=int, default=16,
                    help="rm_policy, dpo_policy: the SFT model's samples per training prompt, for its own pairs")
     p.add_argument("--grpo_steps", type=int, default=100)
     p.add_argument("--grpo_lr", type=float, default=1e-4)
+    p.add_argument("--grpo_eval_every", type=int, default=0,
+                   help="grpo_rm: also save (and score on the held-out problems) every this many steps")
     p.add_argument("--grpo_beta", type=float, default=0.0, help="GRPO's KL coefficient against the SFT model")
     p.add_argument("--grpo_reward_model", choices=REWARD_MODELS, default="rm_policy",
                    help="grpo_rm: which of this run's reward models is GRPO's reward")

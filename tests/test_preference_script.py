@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import random
+import re
 import sys
 from pathlib import Path
 
+from swiftray.data.builtin.arithmetic import arithmetic_split
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from preference_learning import right_against_wrong, swapped_at_random  # noqa: E402
+from preference_learning import broken_workings, right_against_wrong, swapped_at_random  # noqa: E402
 
 
 def test_own_samples_pair_each_distinct_right_answer_with_a_different_wrong_one() -> None:
@@ -29,3 +33,33 @@ def test_the_control_swaps_a_seeded_half_of_the_pairs_and_keeps_the_rest() -> No
         assert new["messages"][0] == row["messages"][0]
         assert {new["messages"][-1]["content"], new["rejected_response"]} == {
             row["messages"][-1]["content"], row["rejected_response"]}
+
+
+def passes_every_visible_check(question: str, answer: str) -> bool:
+    """What a reader can check without solving the problem: the question's numbers copied in order, each
+    line's arithmetic, each line starting from the last result, and the answer equal to the last result."""
+    lines = answer.split("</think>")[0].removeprefix("<think>\n").strip().splitlines()
+    parsed = [line.split() for line in lines]
+    copied = [int(parsed[0][0])] + [int(p[2]) for p in parsed]
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    sums = all(ops[op](int(a), int(b)) == int(c) for a, op, b, _eq, c in parsed)
+    chain = all(int(parsed[i][0]) == int(parsed[i - 1][4]) for i in range(1, len(parsed)))
+    final = int(re.search(r"<answer>(-?\d+)</answer>", answer).group(1)) == int(parsed[-1][4])
+    return copied == [int(n) for n in re.findall(r"\d+", question)] and sums and chain and final
+
+
+def test_line_check_pairs_break_exactly_what_a_reader_can_check() -> None:
+    rng = random.Random(0)
+    kinds = 0
+    for row in arithmetic_split("easy_train")[:200]:
+        question = row["messages"][0]["content"]
+        right, wrong = broken_workings(row, rng, 12)
+        assert right == row["messages"][-1]["content"]  # the chosen side is the SFT answer itself
+        assert passes_every_visible_check(question, right)
+        assert wrong and len(set(wrong)) == len(wrong) and right not in wrong
+        for text in wrong:
+            assert not passes_every_visible_check(question, text), (question, text)
+            assert not re.search(r"-\d", text)  # no negative number anywhere
+        # most wrong answers keep the right final answer or a consistent chain: only the working shows it
+        kinds += sum(text.endswith(right[right.index("<answer>"):]) for text in wrong)
+    assert kinds > 200
