@@ -8,7 +8,9 @@ For each seed, as scripts/demo.py does first:
        chosen, a plausible wrong one rejected) and, as its control, on the same pairs with chosen and
        rejected swapped at random (a fair coin per pair, seeded): the control must not gain. `dpo_policy`
        and `rm_policy` train instead on the SFT model's own samples of the training prompts, each right
-       answer (by the accuracy rule) against a wrong one (--policy_samples per prompt);
+       answer (by the accuracy rule) against a wrong one (--policy_samples per prompt). `rm_lines` and
+       `rm_arith` train on minimal pairs that each break one checkable thing in the working (see
+       line_check_pairs); --rm_base starts a reward model from a pair method's checkpoint instead of SFT;
     3. measure on held-out data (`easy_test`: problems no run trained on):
        - preference accuracy over the 300 held-out pairs: the share in which the trained model's implicit
          reward ranks chosen above rejected (ties count half, so the SFT model scores 50%). DPO and KTO:
@@ -57,7 +59,7 @@ PAIR_METHODS = {"dpo": ["--rlhf_type", "dpo"], "rpo": ["--rlhf_type", "dpo", "--
 # Reward models: trained on the built-in pairs ("rm"), on the SFT model's own samples labelled by the
 # accuracy rule ("rm_policy"), or on minimal pairs that each break one thing visible in the working
 # ("rm_lines", see line_check_pairs).
-REWARD_MODELS = ("rm", "rm_policy", "rm_lines")
+REWARD_MODELS = ("rm", "rm_policy", "rm_lines", "rm_arith")
 LINE_PAIRS_PER_PROBLEM = 12
 # rm_lines: 16 pairs a step, a warm-up and cosine decay, no weight decay (after common()'s flags, so these win)
 RM_LINES_FLAGS = ["--per_device_train_batch_size", "16", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03",
@@ -165,7 +167,13 @@ def _answer_text(lines: list[str], answer: int) -> str:
     return "<think>\n" + "\n".join(lines) + f"\n</think>\n\n<answer>{answer}</answer>"
 
 
-def broken_workings(row: dict, rng: random.Random, k: int) -> tuple[str, list[str]]:
+BREAKS = ("slip", "slip_prop", "answer", "copy_first", "copy_operand")
+# rm_arith: the break no consistency check finds, a line's result off with everything after following from it
+# (what GRPO with rm_lines learnt to write), three times in five
+ARITH_BREAKS = ("slip", "slip_prop", "slip_prop", "slip_prop", "answer")
+
+
+def broken_workings(row: dict, rng: random.Random, k: int, breaks: tuple[str, ...] = BREAKS) -> tuple[str, list[str]]:
     """(the right answer, up to k wrong ones): each breaks one thing a reader can check in the working: a
     line's result (later lines following it or not), the answer against the last line, or a number copied
     from the question (the first value or an operand)."""
@@ -177,7 +185,7 @@ def broken_workings(row: dict, rng: random.Random, k: int) -> tuple[str, list[st
     right = _answer_text(good_lines, good)
     wrong: list[str] = []
     for _ in range(k * 3):
-        kind = rng.choice(["slip", "slip_prop", "answer", "copy_first", "copy_operand"])
+        kind = rng.choice(breaks)
         delta = rng.choice([-3, -2, -1, 1, 2, 3, 10, -10])
         if kind in ("slip", "slip_prop"):
             lines, value = _carry(first, ops, (rng.randrange(len(ops)), delta), propagate=kind == "slip_prop")
@@ -201,20 +209,21 @@ def broken_workings(row: dict, rng: random.Random, k: int) -> tuple[str, list[st
     return right, wrong
 
 
-def line_check_pairs(work: Path, seed: int, shuffled: bool) -> str:
+def line_check_pairs(work: Path, seed: int, shuffled: bool, breaks: tuple[str, ...] = BREAKS) -> str:
     """`--dataset` of minimal pairs on the training problems: the right working against the same working
     with one checkable thing broken (LINE_PAIRS_PER_PROBLEM per problem). The SFT model's own wrong answers
     mostly show such a break (86% have a wrong line on seed 42), so a reward model that learns to find one
     ranks the policy's samples, which one trained on the built-in pairs does not. shuffled: the control's."""
     from swiftray.data.builtin.arithmetic import arithmetic_split
 
-    path = work / f"line_pairs{'_shuffled' if shuffled else ''}.jsonl"
+    name = "line_pairs" if breaks == BREAKS else "arith_pairs"
+    path = work / f"{name}{'_shuffled' if shuffled else ''}.jsonl"
     if path.exists():
         return str(path)
     rng = random.Random(seed)
     rows = []
     for problem in arithmetic_split("easy_train"):
-        right, wrong = broken_workings(problem, rng, LINE_PAIRS_PER_PROBLEM)
+        right, wrong = broken_workings(problem, rng, LINE_PAIRS_PER_PROBLEM, breaks)
         rows += [{"messages": problem["messages"][:-1] + [{"role": "assistant", "content": right}],
                   "rejected_response": text} for text in wrong]
     rng.shuffle(rows)
@@ -434,15 +443,17 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
             settings = {"lr": opts.lr[method], "steps": opts.steps[method], "pairs_per_step": opts.pairs_per_step}
             if method == "rm_policy":
                 settings["samples"] = opts.policy_samples
-            if method == "rm_lines":
+            if method in ("rm_lines", "rm_arith"):
                 settings["flags"] = RM_LINES_FLAGS
             if opts.rm_base.get(method, "sft") != "sft":
                 settings["base"] = opts.rm_base[method]
             for shuffled in (False, True)[:1 if method in opts.skip_controls else 2]:
                 name = f"{method}{'_control' if shuffled else ''}"
                 if not done(name, settings):
-                    dataset = (line_check_pairs(work, seed, shuffled) if method == "rm_lines"
-                               else training_pairs(method == "rm_policy", sft, work, seed, shuffled, opts))
+                    if method in ("rm_lines", "rm_arith"):
+                        dataset = line_check_pairs(work, seed, shuffled, BREAKS if method == "rm_lines" else ARITH_BREAKS)
+                    else:
+                        dataset = training_pairs(method == "rm_policy", sft, work, seed, shuffled, opts)
                     flags = ["--rlhf_type", "rm", "--dataset", dataset,
                              "--per_device_train_batch_size", str(opts.pairs_per_step),
                              "--gradient_accumulation_steps", "1", "--learning_rate", str(opts.lr[method])]
@@ -541,27 +552,35 @@ def render(results: list[dict], opts: argparse.Namespace) -> str:
                   "Two kinds of held-out pair: the built-in ones (a planted mistake), and the SFT model's own samples "
                   f"on the held-out prompts ({TEST_SAMPLES} per prompt at temperature 1, each right one against a "
                   "wrong one): what GRPO asks a reward model to rank.", "",
-                  "| seed | trained on | steps | built-in pairs | control (shuffled) | the SFT model's own pairs | "
+                  "| seed | trained on (backbone: SFT unless named) | steps | built-in pairs | control (shuffled) | the SFT model's own pairs | "
                   "control |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in results:
             for method in REWARD_MODELS:
                 if method in r:
                     rm, ctl = r[method], r.get(f"{method}_control", {})
-                    data = {"rm": "built-in pairs", "rm_lines": f"line-check pairs x{LINE_PAIRS_PER_PROBLEM}"}.get(
+                    data = {"rm": "built-in pairs", "rm_lines": f"line-check pairs x{LINE_PAIRS_PER_PROBLEM}",
+                            "rm_arith": f"line-check pairs x{LINE_PAIRS_PER_PROBLEM}, mostly arithmetic slips"}.get(
                         method) or f"own samples x{rm['settings']['samples']}"
+                    data += f", from {rm['settings']['base'].upper()}" if "base" in rm["settings"] else ""
                     lines.append(f"| {r['seed']} | {data} | {rm['settings']['steps']} | {pct(rm['pair_accuracy'])} | "
                                  f"{pct_or_dash(ctl, 'pair_accuracy')} | {pct(rm['policy_pair_accuracy'])} | "
                                  f"{pct_or_dash(ctl, 'policy_pair_accuracy')} |")
     if any("grpo_rm" in r for r in results):
         lines += ["", "## GRPO with the reward model as its only reward: held-out task accuracy", "",
-                  "| seed | SFT | GRPO, trained RM (change) | GRPO, untrained RM (change) |", "| --- | --- | --- | --- |"]
+                  "| seed | reward model | SFT | GRPO, trained RM (change) | GRPO, untrained RM (change) | trained RM: "
+                  "accuracy by step | untrained RM: accuracy by step |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+        def curve(measured: dict) -> str:
+            return ", ".join(f"{pct(a)} ({s})" for s, a in measured.get("curve", {}).items()) or "-"
+
         for r in results:
             if "grpo_rm" in r:
-                base = r["sft"]["task_accuracy"]
-                lines.append(f"| {r['seed']} | {pct(base)} | {pct(r['grpo_rm']['task_accuracy'])} "
-                             f"({change(r['grpo_rm']['task_accuracy'], base)}) | "
-                             f"{pct(r['grpo_rm_control']['task_accuracy'])} "
-                             f"({change(r['grpo_rm_control']['task_accuracy'], base)}) |")
+                base, got, ctl = r["sft"]["task_accuracy"], r["grpo_rm"], r.get("grpo_rm_control", {})
+                rm = next((m for m in REWARD_MODELS if m in r and r[m].get("checkpoint") == got["reward_model"]), "")
+                lines.append(f"| {r['seed']} | {rm or got['reward_model']} | {pct(base)} | {pct(got['task_accuracy'])} "
+                             f"({change(got['task_accuracy'], base)}) | "
+                             + (f"{pct(ctl['task_accuracy'])} ({change(ctl['task_accuracy'], base)})" if ctl else "-")
+                             + f" | {curve(got)} | {curve(ctl)} |")
     # Hand-written reading of the figures, below this marker, survives a rewrite.
     doc = REPO / "docs" / "preference_runs.md"
     old = doc.read_text() if doc.exists() else ""
@@ -578,11 +597,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--sft_target", type=float, default=0.3)
     p.add_argument("--pairs_per_step", type=int, default=8)
     p.add_argument("--steps", type=json.loads, default={"dpo": 150, "rpo": 150, "kto": 150, "simpo": 150, "orpo": 150,
-                                                        "cpo": 150, "rm": 150, "rm_policy": 300, "rm_lines": 1200,
+                                                        "cpo": 150, "rm": 150, "rm_policy": 300, "rm_lines": 1200, "rm_arith": 1200,
                                                         "dpo_policy": 250},
                    help='JSON: optimizer steps per method, e.g. \'{"dpo": 150}\'')
     p.add_argument("--lr", type=json.loads, default={"dpo": 2e-5, "rpo": 5e-5, "kto": 2e-4, "simpo": 5e-5, "orpo": 2e-4,
-                                                     "cpo": 2e-4, "rm": 5e-4, "rm_policy": 5e-4, "rm_lines": 3e-4,
+                                                     "cpo": 2e-4, "rm": 5e-4, "rm_policy": 5e-4, "rm_lines": 3e-4, "rm_arith": 3e-4,
                                                      "dpo_policy": 2e-5},
                    help="JSON: learning rate per method")
     p.add_argument("--method_flags", type=json.loads, default={},

@@ -8,11 +8,13 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from swiftray.data.builtin.arithmetic import arithmetic_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from preference_learning import broken_workings, right_against_wrong, swapped_at_random  # noqa: E402
+from preference_learning import ARITH_BREAKS, BREAKS, broken_workings, right_against_wrong, swapped_at_random  # noqa: E402
 
 
 def test_own_samples_pair_each_distinct_right_answer_with_a_different_wrong_one() -> None:
@@ -48,18 +50,19 @@ def passes_every_visible_check(question: str, answer: str) -> bool:
     return copied == [int(n) for n in re.findall(r"\d+", question)] and sums and chain and final
 
 
-def test_line_check_pairs_break_exactly_what_a_reader_can_check() -> None:
+@pytest.mark.parametrize("breaks", [BREAKS, ARITH_BREAKS])
+def test_line_check_pairs_break_exactly_what_a_reader_can_check(breaks: tuple[str, ...]) -> None:
     rng = random.Random(0)
     kinds = 0
     for row in arithmetic_split("easy_train")[:200]:
         question = row["messages"][0]["content"]
-        right, wrong = broken_workings(row, rng, 12)
+        right, wrong = broken_workings(row, rng, 12, breaks)
         assert right == row["messages"][-1]["content"]  # the chosen side is the SFT answer itself
         assert passes_every_visible_check(question, right)
         assert wrong and len(set(wrong)) == len(wrong) and right not in wrong
         for text in wrong:
             assert not passes_every_visible_check(question, text), (question, text)
             assert not re.search(r"-\d", text)  # no negative number anywhere
-        # most wrong answers keep the right final answer or a consistent chain: only the working shows it
+        # some keep the right final answer: only the working shows the break
         kinds += sum(text.endswith(right[right.index("<answer>"):]) for text in wrong)
     assert kinds > 200
