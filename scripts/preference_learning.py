@@ -58,10 +58,10 @@ PAIR_METHODS = {"dpo": ["--rlhf_type", "dpo"], "rpo": ["--rlhf_type", "dpo", "--
                 "dpo_policy": ["--rlhf_type", "dpo"]}
 # Reward models: trained on the built-in pairs ("rm"), on the SFT model's own samples labelled by the
 # accuracy rule ("rm_policy"), or on minimal pairs that each break one thing visible in the working
-# ("rm_lines", see line_check_pairs).
+# ("rm_lines", and "rm_arith" with mostly arithmetic slips: see line_check_pairs).
 REWARD_MODELS = ("rm", "rm_policy", "rm_lines", "rm_arith")
 LINE_PAIRS_PER_PROBLEM = 12
-# rm_lines: 16 pairs a step, a warm-up and cosine decay, no weight decay (after common()'s flags, so these win)
+# rm_lines, rm_arith: 16 pairs a step, a warm-up and cosine decay, no weight decay (after common()'s flags, so these win)
 RM_LINES_FLAGS = ["--per_device_train_batch_size", "16", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03",
                   "--weight_decay", "0"]
 TEST_PAIRS = "swiftray/arithmetic-pairs:easy_test"
