@@ -1,5 +1,5 @@
-"""scripts/preference_learning.py's data plumbing: the control's coin flips and the on-policy pairs
-(the runs themselves are too long for the suite; docs/preference_runs.md has their figures)."""
+"""scripts/preference_data.py, the preference runs' data: the control's coin flips, the on-policy pairs and the
+line-check pairs (the runs themselves are too long for the suite; docs/preference_runs.md has their figures)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from swiftray.data.builtin.arithmetic import arithmetic_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from preference_learning import ARITH_BREAKS, BREAKS, broken_workings, right_against_wrong, swapped_at_random  # noqa: E402
+from preference_data import ARITH_BREAKS, BREAKS, broken_workings, right_against_wrong, swapped_at_random  # noqa: E402
 
 
 def test_own_samples_pair_each_distinct_right_answer_with_a_different_wrong_one() -> None:
