@@ -89,25 +89,6 @@ def right_against_wrong(samples: Iterable[tuple[str, float]]) -> list[tuple[str,
     return list(zip(right, wrong))
 
 
-def _carry(first: int, ops: list[tuple[str, int]], slip: tuple[int, int] | None = None,
-           propagate: bool = True) -> tuple[list[str], int]:
-    """Working lines carrying `first` through `ops`; `slip` = (step, delta) shows that step's result off by
-    delta, and the next step starts from the shown value (propagate) or from the true one (a broken chain)."""
-    from swiftray.data.builtin.arithmetic_pairs import _APPLY
-
-    lines, value = [], first
-    for i, (op, operand) in enumerate(ops):
-        result = _APPLY[op](value, operand)
-        shown = result + (slip[1] if slip and slip[0] == i else 0)
-        lines.append(f"{value} {op} {operand} = {shown}")
-        value = shown if propagate else result
-    return lines, value
-
-
-def _answer_text(lines: list[str], answer: int) -> str:
-    return "<think>\n" + "\n".join(lines) + f"\n</think>\n\n<answer>{answer}</answer>"
-
-
 BREAKS = ("slip", "slip_prop", "answer", "copy_first", "copy_operand")
 # rm_arith: the break no consistency check finds, a line's result off with everything after following from it
 # (what GRPO with rm_lines learnt to write), three times in five
@@ -118,31 +99,31 @@ def broken_workings(row: dict, rng: random.Random, k: int, breaks: tuple[str, ..
     """(the right answer, up to k wrong ones): each breaks one thing a reader can check in the working: a
     line's result (later lines following it or not), the answer against the last line, or a number copied
     from the question (the first value or an operand)."""
-    from swiftray.data.builtin.arithmetic_pairs import _parse_steps
+    from swiftray.data.builtin.arithmetic_pairs import _parse_steps, _work, render_answer
 
     steps = _parse_steps(row["messages"][-1]["content"])
     first, ops = steps[0][0], [(op, b) for _a, op, b in steps]
-    good_lines, good = _carry(first, ops)
-    right = _answer_text(good_lines, good)
+    good_lines, good = _work(first, ops)
+    right = render_answer(good_lines, good)
     wrong: list[str] = []
     for _ in range(k * 3):
         kind = rng.choice(breaks)
         delta = rng.choice([-3, -2, -1, 1, 2, 3, 10, -10])
         if kind in ("slip", "slip_prop"):
-            lines, value = _carry(first, ops, (rng.randrange(len(ops)), delta), propagate=kind == "slip_prop")
+            lines, value = _work(first, ops, {rng.randrange(len(ops)): delta}, propagate=kind == "slip_prop")
             answer = value if kind == "slip_prop" else good
         elif kind == "answer":
             lines, answer = good_lines, good + delta
         elif kind == "copy_first":
-            lines, answer = _carry(first + delta, ops)
+            lines, answer = _work(first + delta, ops)
         else:
             i = rng.randrange(len(ops))
             changed = list(ops)
             changed[i] = (ops[i][0], ops[i][1] + delta)
-            lines, answer = _carry(first, changed)
+            lines, answer = _work(first, changed)
         if answer < 0 or any(int(n) < 0 for line in lines for n in line.split()[::2]):
             continue
-        text = _answer_text(lines, answer)
+        text = render_answer(lines, answer)
         if text != right and text not in wrong:
             wrong.append(text)
         if len(wrong) == k:
@@ -154,7 +135,8 @@ def line_check_pairs(work: Path, seed: int, shuffled: bool, breaks: tuple[str, .
     """`--dataset` of minimal pairs on the training problems: the right working against the same working
     with one checkable thing broken (LINE_PAIRS_PER_PROBLEM per problem). The SFT model's own wrong answers
     mostly show such a break (86% have a wrong line on seed 42), so a reward model that learns to find one
-    ranks the policy's samples, which one trained on the built-in pairs does not. shuffled: the control's."""
+    would rank the policy's samples (the ones trained here reached 59%: docs/preference_runs.md).
+    shuffled: the control's."""
     from swiftray.data.builtin.arithmetic import arithmetic_split
 
     name = "line_pairs" if breaks == BREAKS else "arith_pairs"

@@ -44,14 +44,22 @@ def _parse_steps(answer: str) -> list[Step]:
     return steps
 
 
-def _work(first: int, ops: list[tuple[str, int]], slips: dict[int, int] | None = None) -> tuple[list[str], int]:
-    """Carry a value through ``ops``; ``slips[i]`` is added to step i's result (a miscalculation)."""
+def _work(first: int, ops: list[tuple[str, int]], slips: dict[int, int] | None = None,
+          propagate: bool = True) -> tuple[list[str], int]:
+    """Carry a value through ``ops``; ``slips[i]`` is added to step i's shown result (a miscalculation),
+    which the next step starts from (propagate) or not (the true result: a broken chain)."""
     lines, value = [], first
     for i, (op, operand) in enumerate(ops):
-        result = _APPLY[op](value, operand) + (slips or {}).get(i, 0)
-        lines.append(f"{value} {op} {operand} = {result}")
-        value = result
+        result = _APPLY[op](value, operand)
+        shown = result + (slips or {}).get(i, 0)
+        lines.append(f"{value} {op} {operand} = {shown}")
+        value = shown if propagate else result
     return lines, value
+
+
+def render_answer(lines: list[str], answer: int) -> str:
+    """A worked answer in the SFT answers' style: the working in a think block, then the answer."""
+    return "<think>\n" + "\n".join(lines) + f"\n</think>\n\n<answer>{answer}</answer>"
 
 
 def _wrong_working(steps: list[Step], mistake: str, rng: random.Random) -> tuple[list[str], int] | None:
@@ -87,10 +95,10 @@ def make_rejected(row: dict, seed: int) -> tuple[str, str]:
             continue
         lines, wrong = made
         if wrong != right and wrong >= 0 and all(int(x.split()[-1]) >= 0 for x in lines):
-            return "<think>\n" + "\n".join(lines) + f"\n</think>\n\n<answer>{wrong}</answer>", mistake
+            return render_answer(lines, wrong), mistake
     # off_by_one upwards always qualifies; reached only if every random draw went below zero
     lines, wrong = _work(steps[0][0], [(op, b) for _a, op, b in steps], {len(steps) - 1: 1})
-    return "<think>\n" + "\n".join(lines) + f"\n</think>\n\n<answer>{wrong}</answer>", "off_by_one"
+    return render_answer(lines, wrong), "off_by_one"
 
 
 def arithmetic_pairs_split(split: str = "train", *, seed: int = 0) -> list[dict]:
