@@ -269,6 +269,9 @@ class RlhfArguments(SftArguments, GenerationArguments):
     rollout_dtype: str | None = arg(None, "rollout engines' weights: bfloat16 | float16 | float32 (cast by the "
                                           "policy before the sync); unset: the run's --torch_dtype",
                                     choices=("bfloat16", "float16", "float32"))
+    rollout_quantization: str | None = arg(None, "int8: the hf engine decodes with int8 copies of its linear "
+                                                 "weights (CPU; per output channel; the policy stays float32); "
+                                                 "unset: none", choices=("int8",))
     rollout_importance_sampling_mode: str | None = arg(
         None, "correct the rollout engines' mismatch with the policy by importance sampling (policy / engine "
               "probability): token_truncate | token_mask | sequence_truncate | sequence_mask; unset: none",

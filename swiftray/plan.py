@@ -317,6 +317,29 @@ def _rollout_dtype(args: Any, algorithm: Any, dtype: str) -> str:
     return rollout_dtype or dtype
 
 
+def _rollout_quantization(args: Any, algorithm: Any, rollout_dtype: str, on_gpu: bool) -> str | None:
+    """--rollout_quantization, refused where the int8 engine cannot run."""
+    scheme = getattr(args, "rollout_quantization", None)
+    if scheme is None:
+        return None
+    flag = f"--rollout_quantization {scheme}"
+    if algorithm.data_source != "rollouts":
+        raise ArgumentError(f"{flag}: {algorithm.name} generates no rollouts")
+    if args.use_vllm:
+        raise ArgumentError(f"{flag}: the hf engine's CPU path; vLLM quantizes by its own options (leave "
+                            "--use_vllm off, or drop the flag)")
+    if on_gpu:
+        raise ArgumentError(f"{flag}: int8 decoding runs on CPU (fbgemm); on GPUs use vLLM")
+    if rollout_dtype != "float32":
+        raise ArgumentError(f"{flag}: the int8 linears take float32 activations, and the engines would run in "
+                            f"{rollout_dtype} (set --rollout_dtype float32)")
+    from swiftray.models.int8_linear import available
+
+    if not available():
+        raise ArgumentError(f"{flag}: this torch build has no fbgemm int8 kernels (x86 CPUs only)")
+    return scheme
+
+
 def _rl_batch(args: Any, world: int, num_generations: int) -> BatchPlan:
     """TRL's and ms-swift's batch arithmetic: generation_batch_size = micro x ranks x steps_per_generation
     (unset: gradient_accumulation_steps x --num_mini_batches, TRL PPO's minibatches of one generation);
@@ -397,6 +420,7 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
     fsdp = parse_fsdp(args.fsdp, on_gpu)
     rl = algorithm.data_source == "rollouts"
     rollout_dtype = _rollout_dtype(args, algorithm, dtype)
+    rollout_quantization = _rollout_quantization(args, algorithm, rollout_dtype, on_gpu)
     if rl:
         batch = _rl_batch(args, data_world, algorithm.num_generations)
         if args.async_generate and algorithm.max_staleness < 1:
@@ -457,7 +481,8 @@ def build_plan(args: Any, algorithm: Algorithm, cluster: Cluster, train_units: i
         tp = args.vllm_tensor_parallel_size if args.use_vllm else 1
         rollout = RolloutConfig(
             model_dir=absolute(args.model), engine="vllm" if args.use_vllm else "hf", torch_dtype=rollout_dtype,
-            return_logprobs=algorithm.uses_rollout_logprobs or rollout_dtype != dtype,
+            quantization=rollout_quantization,
+            return_logprobs=algorithm.uses_rollout_logprobs or rollout_dtype != dtype or rollout_quantization is not None,
             attn_impl=args.attn_impl, seed=args.seed,
             vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization, vllm_max_model_len=args.vllm_max_model_len,
             vllm_tensor_parallel_size=args.vllm_tensor_parallel_size, vllm_enable_prefix_caching=args.vllm_enable_prefix_caching,
@@ -531,6 +556,8 @@ def describe(plan: RunPlan) -> str:
         gpu = f"{p.num_gpus:g} GPU" if p.num_gpus else "no GPU"
         shared = f", in the {p.group} group's bundles {list(p.bundles)}" if p.group != role.name else ""
         engine = getattr(role.config, "backend", None) or getattr(role.config, "engine", None)
+        if getattr(role.config, "quantization", None):
+            engine += f" ({role.config.quantization} weights)"
         lines.append(f"    {role.name:<10} {p.num_workers} worker(s) x {p.num_cpus:g} CPU, {gpu}{shared}"
                      + (f"; {engine}" if engine else "") + (f"; phases {', '.join(role.phases)}" if role.phases else ""))
         lines.append(f"               on {', '.join(_runs(p.devices))}")

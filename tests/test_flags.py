@@ -87,7 +87,7 @@ ALTERNATIVES.update({
     "cliprange": ["0.1"], "vf_coef": ["0.5"], "cliprange_value": ["0.5"], "gamma": ["0.9"], "lam": ["0.9"],
     "missing_eos_penalty": ["1.0"], "teacher_model": ["/b/teacher"], "lmbda": ["1.0"], "sft_alpha": ["0.5"],
     "gkd_logits_topk": ["16"],
-    "rollout_dtype": ["bfloat16"], "rollout_importance_sampling_mode": ["token_mask"],
+    "rollout_dtype": ["bfloat16"], "rollout_quantization": ["int8"], "rollout_importance_sampling_mode": ["token_mask"],
     "rollout_importance_sampling_threshold": ["3"],
 })
 # Flags an algorithm reads: the plan is compared with that algorithm's default plan.

@@ -35,7 +35,7 @@ def test_every_step_logits_match_a_full_forward(model, monkeypatch):
     torch.manual_seed(0)
     results = StaticCacheDecoder(model).generate(PROMPTS, 2, 6, stop_ids=[], pad_id=0, temperature=1.0)
     for step, logits in enumerate(seen):
-        for row, (tokens, _) in enumerate(results):
+        for row, (tokens, _, _) in enumerate(results):
             prefix = torch.tensor([PROMPTS[row // 2] + tokens[:step]])
             with torch.no_grad():
                 want = model(input_ids=prefix).logits[0, -1].double()
@@ -47,7 +47,7 @@ def test_greedy_tokens_and_stops_match_generate(model):
     results = decoder.generate(PROMPTS, 2, 12, stop_ids=[], pad_id=0, temperature=0.0)
     for i, prompt in enumerate(PROMPTS):
         want = hf_greedy(model, prompt, 12)
-        assert results[2 * i] == (want, "length") and results[2 * i + 1] == (want, "length")
+        assert results[2 * i] == (want, "length", None) and results[2 * i + 1] == (want, "length", None)
 
     # Stop on prompt 0's 4th greedy token: its rows end there (stop token included); the others go on
     # (two of six rows stopped early exercise the row-dropping path once more rows stop).
@@ -56,7 +56,7 @@ def test_greedy_tokens_and_stops_match_generate(model):
     for i, prompt in enumerate(PROMPTS):
         want = hf_greedy(model, prompt, 12)
         cut = want.index(stop_tok) + 1 if stop_tok in want else None
-        expected = (want[:cut], "stop") if cut else (want, "length")
+        expected = (want[:cut], "stop", None) if cut else (want, "length", None)
         assert stopped[2 * i] == expected and stopped[2 * i + 1] == expected
 
 

@@ -19,6 +19,7 @@ class RolloutConfig:
     model_dir: str
     engine: str = "hf"  # hf | vllm
     torch_dtype: str = "float32"
+    quantization: str | None = None  # hf: "int8" decodes with int8 linear weights (CPU; --rollout_quantization)
     attn_impl: str | None = None
     seed: int = 42
     batch_size: int = 64  # hf: prompts decoded together

@@ -42,13 +42,14 @@ class RolloutActor(DistributedWorker):
 
             model, self.tokenizer = load_inference_model(cfg.model_dir, torch_dtype=cfg.torch_dtype,
                                                          attn_impl=cfg.attn_impl)
-            self.engine = HFEngine(model, self.tokenizer, batch_size=cfg.batch_size)
+            self.engine = HFEngine(model, self.tokenizer, batch_size=cfg.batch_size, quantization=cfg.quantization)
 
     def generate(self, prompts: list[dict[str, Any]], params: SamplingParams, seed: int | None = None) -> RolloutBatch:
         """`params.n` completions per prompt row; a row holds `prompt_ids` and its dataset columns.
         `seed` fixes the sampling: the driver gives each chunk of prompts its own, whichever engine runs it."""
-        if seed is not None:
-            params = SamplingParams(**{**params.__dict__, "seed": seed})
+        if seed is not None or self.return_logprobs:
+            params = SamplingParams(**{**params.__dict__, "seed": params.seed if seed is None else seed,
+                                       "logprobs": self.return_logprobs})
         start = time.time()
         if params.from_dataset:
             outputs = dataset_responses(prompts, params.max_new_tokens)
@@ -68,10 +69,13 @@ class RolloutActor(DistributedWorker):
         if params.from_dataset:  # what an algorithm needs to tell these steps apart (GKD's SFT term)
             batch.annotations["from_dataset"] = [True] * len(batch)
         elif self.return_logprobs and len(batch):
-            # Scored again by the engine's model (its dtype, its kernels): what sampled them, up to the
-            # difference between a decode step and a full forward.
-            batch.annotations["rollout_logprobs"] = self.engine.completion_logprobs(batch.prompt_ids,
-                                                                                   batch.completion_ids)
+            # The engine's own log-probs of what it sampled (the hf engine's decoder keeps them); otherwise
+            # scored again by the engine's model (its dtype, its kernels), up to the difference between a
+            # decode step and a full forward.
+            kept = [out.logprobs for out in outputs]
+            batch.annotations["rollout_logprobs"] = (
+                kept if all(lp is not None for lp in kept)
+                else self.engine.completion_logprobs(batch.prompt_ids, batch.completion_ids))
         batch.timings["generate_s"] = time.time() - start
         return batch
 

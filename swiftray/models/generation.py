@@ -31,6 +31,9 @@ class SamplingParams:
     # Rollouts only: instead of sampling, each prompt row's dataset response (its `response_ids`), cut to
     # max_new_tokens (GKD's off-policy steps).
     from_dataset: bool = False
+    # Also return each sampled token's log-prob under the engine's logits (rollout correction); engines that
+    # cannot leave Completion.logprobs None, and the rollout scores the completions again.
+    logprobs: bool = False
 
 
 @dataclass
@@ -38,11 +41,17 @@ class Completion:
     prompt_index: int
     token_ids: list[int]  # without padding; ends with the stop token when finish_reason == "stop"
     finish_reason: str  # "stop" | "length"
+    logprobs: list[float] | None = None  # with SamplingParams.logprobs, where the engine has them
 
 
 class HFEngine:
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, quantization: str | None = None):
+        if quantization is not None:  # int8 weights for every linear (CPU): int8_linear.py
+            from swiftray.models.int8_linear import quantize_linears
+
+            quantize_linears(model, quantization)
         self.model = model
+        self.quantization = quantization
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -78,8 +87,10 @@ class HFEngine:
         out: list[Completion] = []
         for start in range(0, len(prompts), per_call):
             results = self.static.generate(prompts[start:start + per_call], params.n, params.max_new_tokens, stop,
-                                           self.pad_id, params.temperature, params.top_k, params.top_p)
-            out += [Completion(start + j // params.n, tokens, finish) for j, (tokens, finish) in enumerate(results)]
+                                           self.pad_id, params.temperature, params.top_k, params.top_p,
+                                           logprobs=params.logprobs)
+            out += [Completion(start + j // params.n, tokens, finish, logprobs)
+                    for j, (tokens, finish, logprobs) in enumerate(results)]
         return out
 
     def _generate_batch(self, chunk: list[tuple[int, list[int]]], params: SamplingParams,

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from swiftray.models.int8_linear import Int8Linear, int8_matmul, int8_pack
+
 SUPPORTED = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
 
@@ -46,22 +48,29 @@ class StaticCacheDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # oneDNN-packed copies of the linear weights (CPU), q/k/v and gate/up each as one matrix: a decode
         # step's matmuls have few rows, where the packed layout is faster (1.5x measured at 8 rows).
-        # Repacked when a weight changes (sync).
+        # Repacked when a weight changes (sync). An int8 engine (int8_linear.py) runs its own modules.
         weight = model.lm_head.weight
-        self.use_packed = _packing_available() and weight.device.type == "cpu" and weight.dtype == torch.float32
-        self.packed: dict[int, tuple[Any, torch.Tensor, torch.Tensor | None]] = {}  # id(first) -> key, W, b
+        self.use_packed = (_packing_available() and weight.device.type == "cpu" and weight.dtype == torch.float32
+                           and all(type(m) is torch.nn.Linear for group in self._groups() for m in group))
+        self.packed: dict[int, tuple[Any, Any, torch.Tensor | None]] = {}  # id(first) -> key, W, b
+        # An int8 engine's linears (int8_linear.py): packed in the same groups, as int8 (the same numbers
+        # as each module's own: scales are per output channel, and the group shares its input's quantization).
+        self.int8 = all(isinstance(m, Int8Linear) for group in self._groups() for m in group)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, stop_ids: list[int],
                  pad_id: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None) -> list[tuple[list[int], str]]:
-        """(tokens, finish_reason) for completion j of prompt i at index i * n + j.
+                 top_p: float | None = None, logprobs: bool = False
+                 ) -> list[tuple[list[int], str, list[float] | None]]:
+        """(tokens, finish_reason, logprobs) for completion j of prompt i at index i * n + j.
 
         tokens end with the stop token when finish_reason is "stop", as `HFEngine` returns them.
+        logprobs (None unless asked): each token's log-prob under the logits it was sampled from, before
+        temperature, top-k and top-p (what a forward of the same weights gives, as the policy scores it).
         """
         inner = self.model.model
         device = inner.embed_tokens.weight.device
-        if self.use_packed and device.type == "cpu":
+        if (self.use_packed or self.int8) and device.type == "cpu":
             self._repack()
         width = max(len(p) for p in prompts)
         rows = len(prompts) * n
@@ -94,6 +103,7 @@ class StaticCacheDecoder:
         next_pos = lengths.to(device).repeat_interleave(n, 0)
         stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
         out: list[list[int]] = [[] for _ in range(rows)]
+        out_logprobs: list[list[float]] = [[] for _ in range(rows)]
         finish = ["length"] * rows
         active = torch.arange(rows, device=device)  # original row of each batch row
         stopped = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -101,9 +111,13 @@ class StaticCacheDecoder:
             # A stopped row keeps computing until it is dropped; its samples are ignored.
             tokens = torch.where(stopped, pad_id, sample(logits, temperature, top_k, top_p))
             newly = torch.isin(tokens, stop) & ~stopped
-            for row, tok, was, new in zip(active.tolist(), tokens.tolist(), stopped.tolist(), newly.tolist()):
+            token_logprobs = (torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0].tolist()
+                              if logprobs else [0.0] * len(active))
+            for row, tok, lp, was, new in zip(active.tolist(), tokens.tolist(), token_logprobs, stopped.tolist(),
+                                              newly.tolist()):
                 if not was:
                     out[row].append(tok)
+                    out_logprobs[row].append(lp)
                     if new:
                         finish[row] = "stop"
             stopped |= newly
@@ -120,7 +134,7 @@ class StaticCacheDecoder:
                                   key_valid[:, None, None, :slot + 1], caches, slot)
             logits = self._linear(_rms_norm(inner.norm, hidden[:, -1]), self.model.lm_head)
             next_pos = next_pos + 1
-        return list(zip(out, finish))
+        return [(tokens, why, lps if logprobs else None) for tokens, why, lps in zip(out, finish, out_logprobs)]
 
     def _layers(self, hidden: torch.Tensor, rotary: list[torch.Tensor], mask: torch.Tensor,
                 caches: list[tuple[torch.Tensor, torch.Tensor]], slot: int, expand: int = 1) -> torch.Tensor:
@@ -185,11 +199,17 @@ class StaticCacheDecoder:
             if any(m.bias is not None for m in mods):
                 bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
                                   for m in mods])
-            self.packed[id(mods[0])] = (key, torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
+            if self.int8:
+                self.packed[id(mods[0])] = (key, int8_pack(weight, bias), None)
+            else:
+                self.packed[id(mods[0])] = (key, torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
 
     def _linear(self, x: torch.Tensor, *mods: torch.nn.Linear) -> Any:
         """Each module's output for input x: one tensor for one module, a tuple for a group."""
-        if not self.use_packed or x.device.type != "cpu" or x.dtype != torch.float32:
+        if self.int8:
+            y = int8_matmul(x, self.packed[id(mods[0])][1])
+            outs = y.split([m.out_features for m in mods], dim=-1) if len(mods) > 1 else (y,)
+        elif not self.use_packed or x.device.type != "cpu" or x.dtype != torch.float32:
             outs = tuple(m(x) for m in mods)
         else:
             _, weight, bias = self.packed[id(mods[0])]
