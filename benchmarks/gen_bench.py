@@ -6,6 +6,10 @@
 A batch is P prompts x 8 completions, 64 new tokens, temperature 1, no top-k/top-p: what a GRPO
 step asks for. Engines alternate inside one process, each batch `--repeats` times after one warm-up;
 tokens are the completion tokens actually produced (up to and including a stop token).
+
+Engines: `generate` (the baseline), `hf` (swiftray's engine, fp32 like the policy), `hf-int8` (the same
+with `--rollout_quantization int8`), `vllm`. For the hf engines, `pack_s` is what a weight sync adds
+before the next generation: re-laying out (fp32) or quantizing (int8) every linear weight.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def make_engines(names: list[str], model_dir: str) -> dict[str, Any]:
             engines["generate"] = PlainGenerate(model, tokenizer)
         if "hf" in names:
             engines["hf"] = HFEngine(model, tokenizer)
+        if "hf-int8" in names:  # its own copy: quantizing swaps the model's modules
+            engines["hf-int8"] = HFEngine(load_inference_model(model_dir)[0], tokenizer, quantization="int8")
     if "vllm" in names:
         from swiftray.actors.vllm_engine import VLLMEngine
 
@@ -66,6 +72,20 @@ class PlainGenerate:
             cut = next((i + 1 for i, tok in enumerate(seq) if tok in stop), len(seq))
             completions.append(seq[:cut])
         return completions
+
+
+def pack_seconds(engine: Any, repeats: int) -> float:
+    """Median seconds the engine's decoder takes to re-pack its linear weights after a sync."""
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        for param in engine.model.parameters():  # what a sync does to the version counters
+            torch.autograd.graph.increment_version(param)
+        start = time.perf_counter()
+        engine.static._repack()
+        times.append(time.perf_counter() - start)
+    return median(times)
 
 
 def completion_tokens(engine_name: str, outputs: list[Any]) -> int:
@@ -110,6 +130,8 @@ def main() -> None:
                     per_engine[name].append(completion_tokens(name, outputs) / seconds)
         results["batches"][str(n_prompts * opts.num_generations)] = {
             name: {"tokens_per_s": median(v), "runs": v} for name, v in per_engine.items()}
+    results["pack_s"] = {name: pack_seconds(engine, opts.repeats) for name, engine in engines.items()
+                         if getattr(engine, "static", None) is not None}
     results["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     emit(results)
 

@@ -174,11 +174,12 @@ class Bench:
         model = self.results.get("grpo_start") or self.model
         common = ["--model", model, "--data", str(self.grpo_data), "--repeats", str(o.gen_repeats),
                   "--threads", str(o.threads)]
-        self.results["generation"] = self.run("generation", "gen_bench.py", ["--engines", "generate", "hf", *common])
+        engines = ["--engines", "generate", "hf", "hf-int8"]
+        self.results["generation"] = self.run("generation", "gen_bench.py", [*engines, *common])
         if o.threads > 1:  # decoding few rows can run faster on one thread: each engine is judged at its best
             one = [*common[:-1], "1"]
             self.results["generation_1thread"] = self.run("generation_1thread", "gen_bench.py",
-                                                          ["--engines", "generate", "hf", *one])
+                                                          [*engines, *one])
         vllm_python = REPO / ".venv-vllm" / "bin" / "python"
         if o.vllm and vllm_python.exists():
             from benchmarks.harness import run_contender as _run

@@ -11,7 +11,8 @@
 Run: `python scripts/demo.py` (or `bash scripts/demo.sh`, which sets up first).
 `--noise_reward` swaps the reward for random noise: the control that must show no gain.
 `--rollout_dtype bfloat16 --rollout_importance_sampling_mode token_truncate`: GRPO with a bf16 rollout
-engine beside the fp32 policy, corrected by truncated importance sampling.
+engine beside the fp32 policy, corrected by truncated importance sampling; `--rollout_quantization int8`
+in place of the dtype: an engine with int8 weights (docs/demo_runs.md has both).
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--noise_reward", action="store_true", help="control: reward replaced by random noise")
     p.add_argument("--rollout_dtype", choices=("bfloat16", "float16", "float32"),
                    help="GRPO: the rollout engine's dtype (the policy stays float32)")
+    p.add_argument("--rollout_quantization", choices=("int8",),
+                   help="GRPO: the rollout engine decodes with int8 copies of its weights (CPU)")
     p.add_argument("--rollout_importance_sampling_mode",
                    choices=("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
                    help="GRPO: correct the engine's mismatch with the policy by importance sampling")
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.noise_reward:
         rewards = ["demo_noise"]
         plugin_args = ["--external_plugins", str(Path(__file__).with_name("plugins") / "noise_reward.py")]
-    for flag in ("rollout_dtype", "rollout_importance_sampling_mode"):
+    for flag in ("rollout_dtype", "rollout_quantization", "rollout_importance_sampling_mode"):
         if getattr(opts, flag):
             plugin_args += [f"--{flag}", getattr(opts, flag)]
     grpo_args = parse_args(RlhfArguments, [
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"seed": opts.seed, "sft_validation_curve": sft_curve, "accuracy_after_sft": before,
               "accuracy_after_grpo": after, "gain_points": round(100 * (after - before), 1),
               "noise_reward": opts.noise_reward, "rollout_dtype": opts.rollout_dtype,
+              "rollout_quantization": opts.rollout_quantization,
               "rollout_importance_sampling_mode": opts.rollout_importance_sampling_mode, "minutes": round((time.time() - start) / 60, 2),
               "reward_curve": str(grpo_run / "images" / "train_reward.png")}
     print(f"\n== held-out greedy accuracy on {test}: after SFT {before:.1%} -> after GRPO {after:.1%} "

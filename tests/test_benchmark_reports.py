@@ -124,3 +124,23 @@ def test_the_targets_table_lists_memory_and_time_to_accuracy_with_their_verdicts
         "seed 42 (sequential): 0.46x (3.0 vs 6.5 min); seed 7 (async): swiftray 5.0 min, TRL not reached", "met"]
     (tmp_path / "time_to_accuracy.json").write_text(json.dumps({"runs": {"42": seed(3.3, 6.5, False)}}))
     assert other_targets(tmp_path)[-1][-1] == "missed"  # 0.51x
+
+
+def test_the_generation_verdict_counts_the_int8_engine_and_reports_each_sync_cost() -> None:
+    from benchmarks.report import generation_section, targets_table
+
+    def result(int8: float | None) -> dict:
+        engines = {"generate": {"tokens_per_s": 200.0}, "hf": {"tokens_per_s": 300.0}}
+        if int8 is not None:
+            engines["hf-int8"] = {"tokens_per_s": int8}
+        return {"generation": {"threads": 2, "batches": {"8": engines}, "pack_s": {"hf": 0.01, "hf-int8": 0.3}}}
+
+    text, summary = generation_section(result(480.0))
+    assert "swiftray HFEngine, int8 weights (--rollout_quantization int8)" in text
+    assert "swiftray HFEngine, int8 weights (--rollout_quantization int8) 0.300 s" in text
+    [row] = [line for line in targets_table({"generation": summary}).splitlines() if "2x model.generate" in line]
+    assert "1.50x at 8 (fp32" in row and "int8 weights: 2.40x at 8" in row and row.endswith("| met |")
+    _, summary = generation_section(result(None))
+    assert targets_table({"generation": summary}).splitlines()[-1].endswith("| missed |")  # fp32 alone: 1.5x
+    _, summary = generation_section(result(380.0))
+    assert targets_table({"generation": summary}).splitlines()[-1].endswith("| missed |")  # int8 at 1.9x
