@@ -51,7 +51,6 @@ class HFEngine:
 
             quantize_linears(model, quantization)
         self.model = model
-        self.quantization = quantization
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

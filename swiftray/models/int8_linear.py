@@ -2,8 +2,8 @@
 of each linear weight.
 
 Decoding a few rows at a time reads every weight once per token, so on a CPU it is bound by memory
-bandwidth: an int8 copy is a quarter of the fp32 bytes (1.75-1.9x the tokens/s of the fp32 engine on
-the benchmark model, benchmarks/findings.md). Each weight gets one scale per output channel (absmax /
+bandwidth: an int8 copy is a quarter of the fp32 bytes (about 1.7-1.8x the fp32 engine's tokens/s at 8
+completions of the benchmark's 26M model: benchmarks/RESULTS.md, section 4). Each weight gets one scale per output channel (absmax /
 127); each call quantizes its input on the fly (fbgemm's dynamic int8 GEMM). The engine then samples
 from a slightly different distribution than the fp32 policy, which is what the rollout correction
 (`--rollout_importance_sampling_mode`) measures and corrects.
@@ -94,4 +94,3 @@ def quantize_linears(model: nn.Module, scheme: str = "int8") -> int:
                 setattr(parent, name, Int8Linear(child))
                 swapped += 1
     return swapped
-

@@ -48,7 +48,7 @@ class StaticCacheDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # oneDNN-packed copies of the linear weights (CPU), q/k/v and gate/up each as one matrix: a decode
         # step's matmuls have few rows, where the packed layout is faster (1.5x measured at 8 rows).
-        # Repacked when a weight changes (sync). An int8 engine (int8_linear.py) runs its own modules.
+        # Repacked when a weight changes (sync).
         weight = model.lm_head.weight
         self.use_packed = (_packing_available() and weight.device.type == "cpu" and weight.dtype == torch.float32
                            and all(type(m) is torch.nn.Linear for group in self._groups() for m in group))
