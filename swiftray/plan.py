@@ -322,21 +322,18 @@ def _rollout_quantization(args: Any, algorithm: Any, rollout_dtype: str, on_gpu:
     scheme = getattr(args, "rollout_quantization", None)
     if scheme is None:
         return None
-    flag = f"--rollout_quantization {scheme}"
-    if algorithm.data_source != "rollouts":
-        raise ArgumentError(f"{flag}: {algorithm.name} generates no rollouts")
-    if args.use_vllm:
-        raise ArgumentError(f"{flag}: the hf engine's CPU path; vLLM quantizes by its own options (leave "
-                            "--use_vllm off, or drop the flag)")
-    if on_gpu:
-        raise ArgumentError(f"{flag}: int8 decoding runs on CPU (fbgemm); on GPUs use vLLM")
-    if rollout_dtype != "float32":
-        raise ArgumentError(f"{flag}: the int8 linears take float32 activations, and the engines would run in "
-                            f"{rollout_dtype} (set --rollout_dtype float32)")
     from swiftray.models.int8_linear import available
 
-    if not available():
-        raise ArgumentError(f"{flag}: this torch build has no fbgemm int8 kernels (x86 CPUs only)")
+    refusals = ((algorithm.data_source != "rollouts", f"{algorithm.name} generates no rollouts"),
+                (args.use_vllm, "the hf engine's CPU path; vLLM quantizes by its own options (leave --use_vllm "
+                                "off, or drop the flag)"),
+                (on_gpu, "int8 decoding runs on CPU (fbgemm); on GPUs use vLLM"),
+                (rollout_dtype != "float32", "the int8 linears take float32 activations, and the engines would run "
+                                             f"in {rollout_dtype} (set --rollout_dtype float32)"),
+                (not available(), "this torch build has no fbgemm int8 kernels (x86 CPUs only)"))
+    for refused, why in refusals:
+        if refused:
+            raise ArgumentError(f"--rollout_quantization {scheme}: {why}")
     return scheme
 
 
