@@ -117,11 +117,9 @@ def test_a_synced_int8_engine_generates_what_a_fresh_one_does(tiny_model_dir):
         for p in source.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
-    fresh = HFEngine(load(tiny_model_dir, False), _Tokenizer())
-    fresh.load_weights(source.state_dict())
-    quantize_linears(fresh.model)
-    fresh = HFEngine(fresh.model, _Tokenizer())
-    want = [c.token_ids for c in fresh.generate(PROMPTS, greedy)]
+    fresh = load(tiny_model_dir, False)
+    fresh.load_state_dict(source.state_dict())
+    want = [c.token_ids for c in HFEngine(fresh, _Tokenizer(), quantization="int8").generate(PROMPTS, greedy)]
     engine = HFEngine(target, _Tokenizer())
     before = [c.token_ids for c in engine.generate(PROMPTS, greedy)]
     for share in (False, True):
