@@ -153,6 +153,28 @@ def line_check_pairs(work: Path, seed: int, shuffled: bool, breaks: tuple[str, .
     return write_jsonl(swapped_at_random(rows, seed) if shuffled else rows, path)
 
 
+SAMPLED_PAIRS = 48_000  # rm_slips: 3,000 steps of 16, each pair drawn afresh
+
+
+def sampled_break_pairs(work: Path, seed: int, shuffled: bool, n: int = SAMPLED_PAIRS) -> str:
+    """`--dataset` of n minimal pairs, each a random training problem's right working against one random
+    ARITH_BREAKS break of it, drawn with replacement. Unlike line_check_pairs' fixed 12 per problem, a
+    reward model trained on these rarely sees the same pair twice, so it cannot pass by recalling each
+    problem's answer; it has to check the lines (docs/preference_runs.md). shuffled: the control's."""
+    from swiftray.data.builtin.arithmetic import arithmetic_split
+
+    path = work / f"sampled_breaks_{n}{'_shuffled' if shuffled else ''}.jsonl"
+    if path.exists():
+        return str(path)
+    rng, problems, rows = random.Random(seed), arithmetic_split("easy_train"), []
+    while len(rows) < n:
+        problem = rng.choice(problems)
+        right, wrong = broken_workings(problem, rng, 1, ARITH_BREAKS)
+        rows += [{"messages": problem["messages"][:-1] + [{"role": "assistant", "content": right}],
+                  "rejected_response": text} for text in wrong]
+    return write_jsonl(swapped_at_random(rows, seed) if shuffled else rows, path)
+
+
 def training_pairs(on_policy: bool, sft: Path, work: Path, seed: int, shuffled: bool, opts: argparse.Namespace,
                    kto: bool = False) -> str:
     """`--dataset` of a run's training pairs: the built-in ones, or (on_policy) the SFT model's own samples

@@ -10,7 +10,8 @@ For each seed, as scripts/demo.py does first:
        and `rm_policy` train instead on the SFT model's own samples of the training prompts, each right
        answer (by the accuracy rule) against a wrong one (--policy_samples per prompt). `rm_lines` and
        `rm_arith` train on minimal pairs that each break one checkable thing in the working (see
-       line_check_pairs); --rm_base starts a reward model from a pair method's checkpoint instead of SFT;
+       line_check_pairs), `rm_slips` on 48,000 such pairs each drawn afresh (sampled_break_pairs);
+       --rm_base starts a reward model from a pair method's checkpoint instead of SFT;
     3. measure on held-out data (`easy_test`: problems no run trained on):
        - preference accuracy over the 300 held-out pairs: the share in which the trained model's implicit
          reward ranks chosen above rejected (ties count half, so the SFT model scores 50%). DPO and KTO:
@@ -46,8 +47,10 @@ from preference_data import (  # noqa: E402
     ARITH_BREAKS,
     BREAKS,
     LINE_PAIRS_PER_PROBLEM,
+    SAMPLED_PAIRS,
     line_check_pairs,
     policy_pairs,
+    sampled_break_pairs,
     training_pairs,
 )
 
@@ -65,8 +68,9 @@ PAIR_METHODS = {"dpo": ["--rlhf_type", "dpo"], "rpo": ["--rlhf_type", "dpo", "--
 # Reward models: trained on the built-in pairs ("rm"), on the SFT model's own samples labelled by the
 # accuracy rule ("rm_policy"), or on minimal pairs that each break one thing visible in the working
 # ("rm_lines", and "rm_arith" with mostly arithmetic slips: see line_check_pairs).
-REWARD_MODELS = ("rm", "rm_policy", "rm_lines", "rm_arith")
-# rm_lines, rm_arith: 16 pairs a step, a warm-up and cosine decay, no weight decay (after common()'s flags, so these win)
+REWARD_MODELS = ("rm", "rm_policy", "rm_lines", "rm_arith", "rm_slips")
+LINE_CHECK_MODELS = ("rm_lines", "rm_arith", "rm_slips")
+# rm_lines, rm_arith, rm_slips: 16 pairs a step, a warm-up and cosine decay, no weight decay (after common()'s flags, so these win)
 RM_LINES_FLAGS = ["--per_device_train_batch_size", "16", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03",
                   "--weight_decay", "0"]
 TEST_PAIRS = "swiftray/arithmetic-pairs:easy_test"
@@ -274,14 +278,16 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict:
             settings = {"lr": opts.lr[method], "steps": opts.steps[method], "pairs_per_step": opts.pairs_per_step}
             if method == "rm_policy":
                 settings["samples"] = opts.policy_samples
-            if method in ("rm_lines", "rm_arith"):
+            if method in LINE_CHECK_MODELS:
                 settings["flags"] = RM_LINES_FLAGS
             if opts.rm_base.get(method, "sft") != "sft":
                 settings["base"] = opts.rm_base[method]
             for shuffled in (False, True)[:1 if method in opts.skip_controls else 2]:
                 name = f"{method}{'_control' if shuffled else ''}"
                 if not done(name, settings):
-                    if method in ("rm_lines", "rm_arith"):
+                    if method == "rm_slips":
+                        dataset = sampled_break_pairs(work, seed, shuffled)
+                    elif method in LINE_CHECK_MODELS:
                         dataset = line_check_pairs(work, seed, shuffled, BREAKS if method == "rm_lines" else ARITH_BREAKS)
                     else:
                         dataset = training_pairs(method == "rm_policy", sft, work, seed, shuffled, opts)
@@ -390,7 +396,8 @@ def render(results: list[dict], opts: argparse.Namespace) -> str:
                 if method in r:
                     rm, ctl = r[method], r.get(f"{method}_control", {})
                     data = {"rm": "built-in pairs", "rm_lines": f"line-check pairs x{LINE_PAIRS_PER_PROBLEM}",
-                            "rm_arith": f"line-check pairs x{LINE_PAIRS_PER_PROBLEM}, mostly arithmetic slips"}.get(
+                            "rm_arith": f"line-check pairs x{LINE_PAIRS_PER_PROBLEM}, mostly arithmetic slips",
+                            "rm_slips": f"{SAMPLED_PAIRS:,} pairs each drawn afresh, mostly arithmetic slips"}.get(
                         method) or f"own samples x{rm['settings']['samples']}"
                     data += f", from {rm['settings']['base'].upper()}" if "base" in rm["settings"] else ""
                     lines.append(f"| {r['seed']} | {data} | {rm['settings']['steps']} | {pct(rm['pair_accuracy'])} | "
@@ -428,11 +435,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--sft_target", type=float, default=0.3)
     p.add_argument("--pairs_per_step", type=int, default=8)
     p.add_argument("--steps", type=json.loads, default={"dpo": 150, "rpo": 150, "kto": 150, "simpo": 150, "orpo": 150,
-                                                        "cpo": 150, "rm": 150, "rm_policy": 300, "rm_lines": 1200, "rm_arith": 1200,
+                                                        "cpo": 150, "rm": 150, "rm_policy": 300, "rm_lines": 1200, "rm_arith": 1200, "rm_slips": 3000,
                                                         "dpo_policy": 250},
                    help='JSON: optimizer steps per method, e.g. \'{"dpo": 150}\'')
     p.add_argument("--lr", type=json.loads, default={"dpo": 2e-5, "rpo": 5e-5, "kto": 2e-4, "simpo": 5e-5, "orpo": 2e-4,
-                                                     "cpo": 2e-4, "rm": 5e-4, "rm_policy": 5e-4, "rm_lines": 3e-4, "rm_arith": 3e-4,
+                                                     "cpo": 2e-4, "rm": 5e-4, "rm_policy": 5e-4, "rm_lines": 3e-4, "rm_arith": 3e-4, "rm_slips": 3e-4,
                                                      "dpo_policy": 2e-5},
                    help="JSON: learning rate per method")
     p.add_argument("--method_flags", type=json.loads, default={},

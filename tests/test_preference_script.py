@@ -14,7 +14,14 @@ from swiftray.data.builtin.arithmetic import arithmetic_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from preference_data import ARITH_BREAKS, BREAKS, broken_workings, right_against_wrong, swapped_at_random  # noqa: E402
+from preference_data import (  # noqa: E402
+    ARITH_BREAKS,
+    BREAKS,
+    broken_workings,
+    right_against_wrong,
+    sampled_break_pairs,
+    swapped_at_random,
+)
 
 
 def test_own_samples_pair_each_distinct_right_answer_with_a_different_wrong_one() -> None:
@@ -66,3 +73,28 @@ def test_line_check_pairs_break_exactly_what_a_reader_can_check(breaks: tuple[st
         # some keep the right final answer: only the working shows the break
         kinds += sum(text.endswith(right[right.index("<answer>"):]) for text in wrong)
     assert kinds > 200
+
+
+def test_sampled_break_pairs_draw_afresh_and_each_breaks_a_checkable_thing(tmp_path: Path) -> None:
+    """rm_slips' data: n pairs drawn with replacement over the training problems, every rejected side failing
+    a visible check, mostly by a line's result (the break GRPO learnt to exploit), seeded, and the control
+    the same pairs with a seeded half swapped."""
+    import json
+
+    path = Path(sampled_break_pairs(tmp_path, seed=5, shuffled=False, n=600))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 600
+    again = tmp_path / "again"
+    again.mkdir()
+    assert path.read_text() == Path(sampled_break_pairs(again, seed=5, shuffled=False, n=600)).read_text()  # seeded
+    questions = [row["messages"][0]["content"] for row in rows]
+    assert 300 < len(set(questions)) < 600  # drawn with replacement from 1,200 problems
+    slipped_lines = 0
+    for row, question in zip(rows, questions):
+        right, wrong = row["messages"][-1]["content"], row["rejected_response"]
+        assert passes_every_visible_check(question, right) and not passes_every_visible_check(question, wrong)
+        slipped_lines += right.split("</think>")[0] != wrong.split("</think>")[0]
+    assert slipped_lines > 0.6 * len(rows)  # four in five of ARITH_BREAKS change a line
+    control = [json.loads(line) for line in Path(sampled_break_pairs(tmp_path, 5, True, n=600)).read_text().splitlines()]
+    flipped = sum(c["messages"][-1]["content"] != r["messages"][-1]["content"] for c, r in zip(control, rows))
+    assert 220 < flipped < 380
