@@ -67,7 +67,8 @@ PAIR_METHODS = {"dpo": ["--rlhf_type", "dpo"], "rpo": ["--rlhf_type", "dpo", "--
                 "dpo_policy": ["--rlhf_type", "dpo"]}
 # Reward models: trained on the built-in pairs ("rm"), on the SFT model's own samples labelled by the
 # accuracy rule ("rm_policy"), or on minimal pairs that each break one thing visible in the working
-# ("rm_lines", and "rm_arith" with mostly arithmetic slips: see line_check_pairs).
+# ("rm_lines", and "rm_arith" with mostly arithmetic slips: see line_check_pairs; "rm_slips": the same breaks on
+# 48,000 pairs drawn afresh, see sampled_break_pairs: the one that drives GRPO, docs/preference_runs.md).
 REWARD_MODELS = ("rm", "rm_policy", "rm_lines", "rm_arith", "rm_slips")
 LINE_CHECK_MODELS = ("rm_lines", "rm_arith", "rm_slips")
 # rm_lines, rm_arith, rm_slips: 16 pairs a step, a warm-up and cosine decay, no weight decay (after common()'s flags, so these win)
